@@ -1,0 +1,72 @@
+#!/usr/bin/env bash
+# Installs everything ocibox needs to build, demo and test on a fresh Debian 12 machine.
+# Idempotent: a second run only checks. Run as root, or as a user with sudo.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+SUDO=""
+[ "$(id -u)" -eq 0 ] || SUDO="sudo"
+
+# Debian packages. Grouped by what needs them.
+PKGS=(
+  # Python: the interpreter every user runs ocibox with, and its few libraries
+  python3 python3-venv python3-zstandard python3-jsonschema
+  # C runtime: compiler and static libraries
+  gcc make pkg-config libjansson-dev libseccomp-dev libcap-dev libfuse3-dev libsquashfuse-dev
+  libzstd-dev zlib1g-dev liblzma-dev
+  # rootless: subordinate ids and their helpers, FUSE
+  uidmap fuse3 util-linux
+  # test fixtures: a real registry, image builders, TLS certs, htpasswd
+  docker-registry skopeo busybox-static debootstrap openssl apache2-utils
+  # reference peers for tests and benchmarks
+  umoci runc crun podman bubblewrap squashfs-tools squashfuse fuse-overlayfs hyperfine
+  charliecloud-doc jq
+  # OCI schemas and test vectors
+  golang-github-opencontainers-image-spec-dev golang-github-opencontainers-specs-dev
+  golang-github-docker-distribution-dev
+)
+missing=()
+for p in "${PKGS[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+  echo "setup: installing ${missing[*]}"
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+
+# Debian's docker-registry package starts a system service on :5000; the tests start their own.
+if command -v systemctl >/dev/null && systemctl is-active -q docker-registry 2>/dev/null; then
+  $SUDO systemctl disable --now docker-registry >/dev/null 2>&1 || true
+fi
+
+# The development environment: Debian's python3 (readable by every user, so the rootless tests
+# can run the same interpreter), with the project installed editable.
+if [ ! -x .venv/bin/python ]; then
+  /usr/bin/python3 -m venv --system-site-packages .venv
+fi
+if ! .venv/bin/python -c 'import ocibox, pytest, ruff' 2>/dev/null; then
+  .venv/bin/pip install -q --disable-pip-version-check -e . "pytest>=7" ruff
+fi
+
+# Machine quirks that common distributions don't have (see README, "This machine").
+# /dev/fuse is 0666 on Debian, Ubuntu and Fedora; some images ship it 0600.
+if [ -e /dev/fuse ] && [ "$(stat -c %a /dev/fuse)" != "666" ]; then
+  $SUDO chmod 0666 /dev/fuse
+fi
+if [ -e /proc/sys/kernel/unprivileged_userns_clone ] && [ "$(cat /proc/sys/kernel/unprivileged_userns_clone)" != 1 ]; then
+  $SUDO sysctl -qw kernel.unprivileged_userns_clone=1
+fi
+
+# The unprivileged user the rootless tests run as, with subordinate id ranges like a desktop user.
+TEST_USER=ocibox-test
+if ! id "$TEST_USER" >/dev/null 2>&1; then
+  $SUDO useradd --create-home --shell /bin/bash "$TEST_USER"
+fi
+for f in /etc/subuid /etc/subgid; do
+  $SUDO touch "$f"
+  grep -q "^$TEST_USER:" "$f" || echo "$TEST_USER:200000:65536" | $SUDO tee -a "$f" >/dev/null
+done
+
+# The C runtime.
+if [ -f runtime/Makefile ]; then make -s -C runtime; fi

@@ -1,0 +1,3 @@
+from ocibox.cli import main
+
+raise SystemExit(main())
