@@ -19,7 +19,7 @@ PKGS=(
   # test fixtures: a real registry, image builders, TLS certs, htpasswd
   docker-registry skopeo busybox-static debootstrap openssl apache2-utils
   # reference peers for tests and benchmarks
-  umoci runc crun podman bubblewrap squashfs-tools squashfuse fuse-overlayfs hyperfine
+  umoci runc crun podman bubblewrap squashfs-tools squashfs-tools-ng squashfuse fuse-overlayfs hyperfine
   charliecloud-doc jq
   # OCI schemas and test vectors
   golang-github-opencontainers-image-spec-dev golang-github-opencontainers-specs-dev
