@@ -1,0 +1,265 @@
+"""The command line: parses arguments and calls the stage that does the work. Nothing else.
+
+Each command is a `cmd_<name>(args) -> int` handler registered in `build_parser`. Errors are
+OciboxError subclasses; `main` prints them as one line and exits with their code (design.md).
+Modules are imported inside handlers so that `ocibox run` starts fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Sequence
+
+from ocibox import __version__
+from ocibox.errors import OciboxError
+
+COMMANDS_HELP = "Docker images without Docker: pull, run, build and compile OCI images, rootless."
+
+
+def _store():
+    from ocibox.store import Store
+
+    return Store.default()
+
+
+def _out(text: str = "") -> None:
+    sys.stdout.write(text + "\n")
+
+
+# --- images ------------------------------------------------------------------------------------
+
+
+def _human_size(n: float) -> str:
+    for unit in ("B", "kB", "MB", "GB"):
+        if n < 1000 or unit == "GB":
+            return f"{n:.0f}{unit}" if unit == "B" else f"{n:.3g}{unit}"
+        n /= 1000
+    return f"{n}"
+
+
+def _ago(created: str) -> str:
+    from datetime import UTC, datetime
+
+    if not created:
+        return "N/A"
+    import re
+
+    text = re.sub(r"(\.\d{6})\d+", r"\1", created).replace("Z", "+00:00")
+    try:
+        when = datetime.fromisoformat(text)
+    except ValueError:
+        return created
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=UTC)
+    seconds = (datetime.now(UTC) - when).total_seconds()
+    for size, unit in ((86400 * 365, "year"), (86400 * 30, "month"), (86400 * 7, "week"),
+                       (86400, "day"), (3600, "hour"), (60, "minute")):
+        if seconds >= size:
+            count = int(seconds // size)
+            return f"{count} {unit}{'s' if count > 1 else ''} ago"
+    return "less than a minute ago"
+
+
+def cmd_images(args: argparse.Namespace) -> int:
+    from ocibox import reference
+    from ocibox.image import digest_hex
+
+    store = _store()
+    rows = []
+    for tagged in store.tagged():
+        image = store.load_image(tagged.name)
+        ref = reference.parse(tagged.name)
+        rows.append({
+            "Repository": ref.familiar.rsplit(":", 1)[0] if ref.tag else ref.familiar.split("@")[0],
+            "Tag": ref.tag or "<none>",
+            "Reference": tagged.name,
+            "ID": digest_hex(image.id)[:12],
+            "Digest": image.manifest_digest,
+            "Size": image.size,
+            "Created": image.config.created,
+            "Platform": str(image.config.platform),
+        })
+    if args.format == "json":
+        _out(json.dumps(rows, indent=2))
+        return 0
+    if args.quiet:
+        for row in rows:
+            _out(row["ID"])
+        return 0
+    table = [("REPOSITORY", "TAG", "IMAGE ID", "CREATED", "SIZE")]
+    table += [(r["Repository"], r["Tag"], r["ID"], _ago(r["Created"]), _human_size(r["Size"])) for r in rows]
+    widths = [max(len(row[i]) for row in table) for i in range(len(table[0]))]
+    for row in table:
+        _out("   ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
+    return 0
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    import json as _json
+
+    from ocibox import reference
+    from ocibox.image import digest_hex
+
+    store = _store()
+    docs = []
+    for ref in args.image:
+        image = store.load_image(ref)
+        docs.append({
+            "Id": image.id,
+            "RepoTags": [image.name],
+            "RepoDigests": [f"{reference.parse(image.name).name}@{image.manifest_digest}"],
+            "Created": image.config.created,
+            "Architecture": image.config.platform.architecture,
+            "Os": image.config.platform.os,
+            "Variant": image.config.platform.variant or "",
+            "Size": image.size,
+            "ChainId": image.chain_id,
+            "ManifestDigest": image.manifest_digest,
+            "Manifest": _json.loads(image.manifest.raw),
+            "Config": image.config.raw,
+            "RootFS": {"Type": "layers", "Layers": image.config.diff_ids},
+            "Rootfs": str(store.rootfs_dir / digest_hex(image.chain_id)),
+        })
+    if args.format:
+        for doc in docs:
+            _out(_format_template(args.format, doc))
+    else:
+        _out(json.dumps(docs, indent=4))
+    return 0
+
+
+def _format_template(template: str, doc: dict) -> str:
+    """A small subset of Go templates: `{{.Key.Sub}}` and `{{json .Key}}`."""
+    import re
+
+    def value(path: str):
+        node = doc
+        for key in path.strip(".").split("."):
+            if key:
+                node = node.get(key) if isinstance(node, dict) else None
+        return node
+
+    def repl(match: re.Match) -> str:
+        expr = match.group(1).strip()
+        if expr.startswith("json "):
+            return json.dumps(value(expr[5:].strip()))
+        v = value(expr)
+        return json.dumps(v) if isinstance(v, (dict, list)) else str(v)
+
+    return re.sub(r"\{\{(.*?)\}\}", repl, template)
+
+
+def cmd_rmi(args: argparse.Namespace) -> int:
+    store = _store()
+    for ref in args.image:
+        name, _ = store.find(ref)
+        store.untag(name)
+        _out(f"Untagged: {name}")
+    removed, freed = store.gc()
+    if removed:
+        _out(f"Deleted: {removed} files, {_human_size(freed)}")
+    return 0
+
+
+def _parse_age(text: str) -> float:
+    units = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+    try:
+        return float(text[:-1]) * units[text[-1]] if text[-1] in units else float(text)
+    except (ValueError, IndexError):
+        raise OciboxError(f"invalid duration {text!r}: use e.g. 30d, 12h, 90m") from None
+
+
+def cmd_prune(args: argparse.Namespace) -> int:
+    import time
+
+    store = _store()
+    if args.older_than:
+        limit = time.time() - _parse_age(args.older_than)
+        for tagged in store.tagged():
+            if store.last_used(tagged.descriptor.digest) < limit:
+                store.untag(tagged.name)
+                _out(f"Untagged: {tagged.name}")
+    removed, freed = store.gc()
+    _out(f"Total reclaimed space: {_human_size(freed)} ({removed} files)")
+    return 0
+
+
+def cmd_save(args: argparse.Namespace) -> int:
+    from ocibox import archive
+
+    archive.save(_store(), args.image, args.output, args.format)
+    return 0
+
+
+def cmd_load(args: argparse.Namespace) -> int:
+    from ocibox import archive
+
+    for name in archive.load(_store(), args.input):
+        _out(f"Loaded image: {name}")
+    return 0
+
+
+# --- parser ------------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="ocibox", description=COMMANDS_HELP)
+    parser.add_argument("--version", action="version", version=f"ocibox {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    p = sub.add_parser("images", help="list images in the store")
+    p.add_argument("--format", choices=["table", "json"], default="table")
+    p.add_argument("-q", "--quiet", action="store_true", help="only image IDs")
+    p.set_defaults(func=cmd_images)
+
+    p = sub.add_parser("inspect", help="show an image's manifest and config as JSON")
+    p.add_argument("image", nargs="+")
+    p.add_argument("-f", "--format", help="Go-template-like format, e.g. '{{.Config.config.Cmd}}'")
+    p.set_defaults(func=cmd_inspect)
+
+    p = sub.add_parser("rmi", help="remove images from the store")
+    p.add_argument("image", nargs="+")
+    p.set_defaults(func=cmd_rmi)
+
+    p = sub.add_parser("prune", help="delete blobs and root filesystems no image needs")
+    p.add_argument("--older-than", metavar="AGE", help="also drop images unused for AGE (e.g. 30d)")
+    p.set_defaults(func=cmd_prune)
+
+    p = sub.add_parser("save", help="write an image to an oci-archive or docker-archive file")
+    p.add_argument("image", nargs="+")
+    p.add_argument("-o", "--output", required=True, metavar="FILE")
+    p.add_argument("--format", choices=["oci-archive", "docker-archive"], default="oci-archive")
+    p.set_defaults(func=cmd_save)
+
+    p = sub.add_parser("load", help="load images from an oci-archive or docker-archive file")
+    p.add_argument("-i", "--input", required=True, metavar="FILE")
+    p.set_defaults(func=cmd_load)
+
+    # Commands of other stages register below this line.
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 0
+    try:
+        return int(args.func(args) or 0)
+    except OciboxError as exc:
+        sys.stderr.write(f"ocibox: {exc}\n")
+        return exc.exit_code
+    except KeyboardInterrupt:
+        sys.stderr.write("ocibox: interrupted\n")
+        return 130
+    except BrokenPipeError:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
+    except OSError as exc:
+        where = f" ({exc.filename})" if exc.filename else ""
+        sys.stderr.write(f"ocibox: {exc.strerror or exc}{where}\n")
+        return 125
