@@ -202,6 +202,89 @@ def cmd_load(args: argparse.Namespace) -> int:
     return 0
 
 
+# --- registry: pull, login, logout ------------------------------------------------------------
+
+
+def cmd_pull(args: argparse.Namespace) -> int:
+    from ocibox import reference
+    from ocibox.image import Platform
+    from ocibox.progress import Progress
+    from ocibox.transfer import pull
+
+    ref = reference.parse(args.image)
+    platform = Platform.parse(args.platform) if args.platform else None
+    progress = Progress.auto(quiet=args.quiet)
+    last = args.image.rsplit("/", 1)[-1]
+    if ":" not in last and "@" not in last:
+        progress.message("Using default tag: latest")
+    result = pull(ref, _store(), platform=platform, insecure=args.insecure, progress=progress)
+    _out(result.name)
+    return 0
+
+
+def _registry_name(text: str | None) -> str:
+    from ocibox.registry.credentials import normalise_key
+
+    name = normalise_key(text or "docker.io")
+    if not name or "/" in name:
+        raise OciboxError(f"invalid registry {text!r}: expected a host name such as docker.io or host:5000")
+    return name
+
+
+def cmd_login(args: argparse.Namespace) -> int:
+    import getpass
+
+    from ocibox.reference import DEFAULT_REGISTRY, DOCKER_HUB_API
+    from ocibox.registry import credentials
+    from ocibox.registry.client import RegistryClient, Transport, insecure_hosts_from_env
+
+    registry = _registry_name(args.registry)
+    username = args.username
+    password = args.password
+    if password is not None:
+        sys.stderr.write("WARNING! Using --password via the CLI is insecure. Use --password-stdin.\n")
+    if args.password_stdin:
+        if password is not None:
+            raise OciboxError("--password and --password-stdin are mutually exclusive")
+        if not username:
+            raise OciboxError("--password-stdin needs a username (-u)")
+        password = sys.stdin.read().removesuffix("\n").removesuffix("\r")
+    interactive = sys.stdin.isatty()
+    if not username:
+        if not interactive:
+            raise OciboxError("username required: use -u USER (no terminal to ask on)")
+        username = input("Username: ").strip()
+    if password is None:
+        if not interactive:
+            raise OciboxError("password required: use --password-stdin (no terminal to ask on)")
+        password = getpass.getpass("Password: ")
+    if not username or not password:
+        raise OciboxError("login needs a username and a password")
+    hosts = set(insecure_hosts_from_env()) | ({registry} if args.insecure else set())
+    api_host = DOCKER_HUB_API if registry == DEFAULT_REGISTRY else registry
+    client = RegistryClient(registry, api_host, transport=Transport(hosts))
+    credential = credentials.Credential(username, password)
+    client.auth.use_credential(credential)
+    try:
+        client.check_login()
+    finally:
+        client.close()
+    path = credentials.save(registry, credential)
+    _out(f"Login Succeeded (credentials in {path})")
+    return 0
+
+
+def cmd_logout(args: argparse.Namespace) -> int:
+    from ocibox.registry import credentials
+
+    registry = _registry_name(args.registry)
+    if credentials.erase(registry):
+        _out(f"Removing login credentials for {registry}")
+    else:
+        _out(f"Not logged in to {registry}")
+    return 0
+
+
 # --- parser ------------------------------------------------------------------------------------
 
 
@@ -239,6 +322,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_load)
 
     # Commands of other stages register below this line.
+
+    p = sub.add_parser("pull", help="fetch an image from a registry into the store")
+    p.add_argument("image", metavar="REF")
+    p.add_argument("--platform", metavar="OS/ARCH[/VARIANT]", help="default: this host's")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress, only the image name")
+    p.add_argument("--insecure", action="store_true", help="allow plain HTTP and unverified TLS")
+    p.set_defaults(func=cmd_pull)
+
+    p = sub.add_parser("login", help="store credentials for a registry (Docker's config.json)")
+    p.add_argument("registry", nargs="?", metavar="REGISTRY", help="default: docker.io")
+    p.add_argument("-u", "--username")
+    p.add_argument("-p", "--password")
+    p.add_argument("--password-stdin", action="store_true", help="read the password from stdin")
+    p.add_argument("--insecure", action="store_true", help="allow plain HTTP and unverified TLS")
+    p.set_defaults(func=cmd_login)
+
+    p = sub.add_parser("logout", help="forget the credentials for a registry")
+    p.add_argument("registry", nargs="?", metavar="REGISTRY", help="default: docker.io")
+    p.set_defaults(func=cmd_logout)
     return parser
 
 

@@ -1,0 +1,597 @@
+"""A distribution-spec (v2) client over the standard library's http.client.
+
+`Transport` keeps one persistent HTTP/1.1 connection per (thread, scheme, host), speaks TLS by
+default and follows redirects, dropping the Authorization header when one leads to another host
+(blob storage). `RegistryClient` adds the registry API on top: authentication, manifests with
+their digests checked, and blobs streamed into a caller's sink with retries and Range resumes.
+It knows nothing of the store: a sink is anything with `offset`, `write(buffer)` and `reset()`.
+"""
+
+from __future__ import annotations
+
+import email.utils
+import hashlib
+import http.client
+import ipaddress
+import json
+import os
+import socket
+import ssl
+import threading
+import time
+import urllib.parse
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Protocol
+
+from ocibox.errors import AuthError, IntegrityError, NotFound, RegistryError
+from ocibox.registry.auth import Authenticator, scope_for
+from ocibox.registry.credentials import Credential
+
+MANIFEST_TYPES = (
+    "application/vnd.oci.image.index.v1+json",
+    "application/vnd.docker.distribution.manifest.list.v2+json",
+    "application/vnd.oci.image.manifest.v1+json",
+    "application/vnd.docker.distribution.manifest.v2+json",
+)
+# Schema 1 is asked for last, only so that such an image is recognised and refused clearly.
+SCHEMA1_TYPE = "application/vnd.docker.distribution.manifest.v1+prettyjws"
+MANIFEST_ACCEPT = ", ".join(MANIFEST_TYPES) + f", {SCHEMA1_TYPE};q=0.1"
+MANIFEST_LIMIT = 4 << 20  # the OCI distribution spec's recommended maximum manifest size
+CHUNK = 1 << 20  # read size for blobs: big enough that hashing and writing release the GIL
+ATTEMPTS = 5  # tries per request before a transient failure is reported
+MAX_REDIRECTS = 10
+MAX_RETRY_AFTER = 60.0
+USER_AGENT = "ocibox"
+INSECURE_ENV = "OCIBOX_INSECURE_REGISTRIES"
+
+# What a dropped or refused connection looks like: retried, then reported as the registry's fault.
+TRANSIENT = (OSError, http.client.HTTPException)
+# What no retry or other scheme will fix.
+_UNREACHABLE = (ConnectionRefusedError, socket.gaierror, TimeoutError, ssl.SSLCertVerificationError)
+
+
+class Cancelled(Exception):
+    """Another download of the same pull failed, or the user interrupted it."""
+
+
+class _Dropped(Exception):
+    """The connection failed while a blob body was being read (not the sink: that error passes)."""
+
+    def __init__(self, cause: BaseException):
+        super().__init__(str(cause))
+        self.cause = cause
+
+
+class BlobSink(Protocol):
+    """Where a blob's bytes go: the store's temp-file writer, which hashes as it writes."""
+
+    @property
+    def offset(self) -> int: ...
+
+    def write(self, data: memoryview) -> None: ...
+
+    def reset(self) -> None: ...
+
+
+def _hostname(host: str) -> str:
+    """`host:5000` → `host`, `[::1]:5000` → `::1`."""
+    return urllib.parse.urlsplit("//" + host).hostname or host
+
+
+def is_loopback(host: str) -> bool:
+    name = _hostname(host)
+    if name == "localhost" or name.endswith(".localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(name).is_loopback
+    except ValueError:
+        return False
+
+
+def insecure_hosts_from_env(env: dict[str, str] | None = None) -> frozenset[str]:
+    env = os.environ if env is None else env
+    return frozenset(h.strip() for h in env.get(INSECURE_ENV, "").split(",") if h.strip())
+
+
+class Response:
+    """An HTTP response whose body is read by the caller; closing it returns the connection."""
+
+    def __init__(self, transport: Transport, key: tuple[str, str], raw: http.client.HTTPResponse, url: str):
+        self._transport = transport
+        self._key = key
+        self._raw = raw
+        self.url = url
+        self.status = raw.status
+        self.reason = raw.reason
+        self.headers = raw.headers
+        self.data = b""  # the body, for the answers read whole (manifests)
+
+    def header(self, name: str) -> str | None:
+        return self.headers.get(name)
+
+    def header_values(self, name: str) -> list[str]:
+        return self.headers.get_all(name) or []
+
+    def readinto(self, buffer: memoryview) -> int:
+        return self._raw.readinto(buffer)
+
+    def read_all(self, limit: int) -> bytes:
+        """The whole body, refusing more than `limit` bytes."""
+        length = self._raw.length
+        if length is not None and length > limit:
+            self.abort()
+            raise RegistryError(f"{self.url}: answer too large ({length} bytes)")
+        data = self._raw.read(limit + 1)
+        if len(data) > limit:
+            self.abort()
+            raise RegistryError(f"{self.url}: answer too large (more than {limit} bytes)")
+        if length is not None and len(data) < length:
+            self.abort()
+            raise http.client.IncompleteRead(data, length - len(data))
+        return data
+
+    def close(self) -> None:
+        """Finish with the body: small leftovers are drained to keep the connection, else it is dropped."""
+        raw = self._raw
+        if raw.isclosed():
+            return
+        if raw.length is not None and raw.length <= 65536:
+            try:
+                raw.read()
+                return
+            except TRANSIENT:
+                pass
+        self.abort()
+
+    def abort(self) -> None:
+        """Drop the connection under this response (it can't be reused mid-body)."""
+        self._raw.close()
+        self._transport.drop(self._key)
+
+    def __enter__(self) -> Response:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class Transport:
+    """HTTP/1.1 with one keep-alive connection per (thread, scheme, host)."""
+
+    def __init__(self, insecure_hosts: Iterable[str] = (), timeout: float = 60.0):
+        self.insecure_hosts = frozenset(insecure_hosts)
+        self.timeout = timeout
+        self._local = threading.local()
+        self._verified = ssl.create_default_context()
+        self._unverified = ssl.create_default_context()
+        self._unverified.check_hostname = False
+        self._unverified.verify_mode = ssl.CERT_NONE
+        self._all: list[http.client.HTTPConnection] = []
+        self._lock = threading.Lock()
+
+    def allows_plain_http(self, host: str) -> bool:
+        """Plain HTTP and unverified TLS: loopback hosts and the ones the user named insecure."""
+        return is_loopback(host) or host in self.insecure_hosts or _hostname(host) in self.insecure_hosts
+
+    def _connections(self) -> dict[tuple[str, str], http.client.HTTPConnection]:
+        pool = getattr(self._local, "pool", None)
+        if pool is None:
+            pool = self._local.pool = {}
+        return pool
+
+    def _connection(self, key: tuple[str, str]) -> http.client.HTTPConnection:
+        pool = self._connections()
+        conn = pool.get(key)
+        if conn is None:
+            scheme, netloc = key
+            if scheme == "https":
+                context = self._unverified if self.allows_plain_http(netloc) else self._verified
+                conn = http.client.HTTPSConnection(netloc, timeout=self.timeout, context=context)
+            else:
+                conn = http.client.HTTPConnection(netloc, timeout=self.timeout)
+            pool[key] = conn
+            with self._lock:
+                self._all.append(conn)
+        return conn
+
+    def drop(self, key: tuple[str, str]) -> None:
+        conn = self._connections().pop(key, None)
+        if conn is not None:
+            conn.close()
+
+    def close(self) -> None:
+        with self._lock:
+            for conn in self._all:
+                conn.close()
+            self._all.clear()
+
+    def request(
+        self,
+        method: str,
+        url: str,
+        headers: dict[str, str] | None = None,
+        body: bytes | None = None,
+        follow_redirects: bool = True,
+    ) -> Response:
+        """Send one request (following redirects); the caller reads and closes the response."""
+        headers = dict(headers or {})
+        for _ in range(MAX_REDIRECTS + 1):
+            response = self._send(method, url, headers, body)
+            location = response.header("Location")
+            if not follow_redirects or response.status not in (301, 302, 303, 307, 308) or not location:
+                return response
+            response.close()
+            target = urllib.parse.urljoin(url, location)
+            old, new = urllib.parse.urlsplit(url), urllib.parse.urlsplit(target)
+            if new.scheme not in ("http", "https"):
+                raise RegistryError(f"{old.netloc} redirected to an unsupported URL {target!r}")
+            if old.scheme == "https" and new.scheme == "http" and not self.allows_plain_http(new.netloc):
+                raise RegistryError(f"{old.netloc} redirected to plain HTTP ({new.netloc}): refused")
+            if new.netloc != old.netloc:
+                headers.pop("Authorization", None)
+            if response.status == 303 or (response.status in (301, 302) and method == "POST"):
+                method, body = "GET", None
+                headers.pop("Content-Type", None)
+            url = target
+        raise RegistryError(f"too many redirects fetching {url}")
+
+    def _send(self, method: str, url: str, headers: dict[str, str], body: bytes | None) -> Response:
+        parts = urllib.parse.urlsplit(url)
+        key = (parts.scheme, parts.netloc)
+        path = parts.path + ("?" + parts.query if parts.query else "")
+        all_headers = {"User-Agent": USER_AGENT, **headers}
+        for attempt in (1, 2):
+            conn = self._connection(key)
+            reused = conn.sock is not None
+            try:
+                conn.request(method, path, body=body, headers=all_headers)
+                raw = conn.getresponse()
+            except (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError):
+                # A keep-alive connection the server closed while idle: reconnect once.
+                self.drop(key)
+                if reused and attempt == 1:
+                    continue
+                raise
+            except BaseException:
+                self.drop(key)
+                raise
+            return Response(self, key, raw, url)
+        raise AssertionError("unreachable")
+
+
+@dataclass
+class ManifestResponse:
+    """A manifest or index as the registry sent it, its digest verified."""
+
+    data: bytes
+    media_type: str
+    digest: str
+
+
+def _digest_of(data: bytes, algorithm: str) -> str:
+    if algorithm not in ("sha256", "sha512"):
+        raise IntegrityError(f"unsupported digest algorithm {algorithm!r}")
+    return f"{algorithm}:{hashlib.new(algorithm, data).hexdigest()}"
+
+
+def _error_detail(data: bytes) -> tuple[str, str]:
+    """The first (code, message) of a distribution-spec error body, or ("", "")."""
+    try:
+        errors = json.loads(data).get("errors") or []
+        first = errors[0]
+        return str(first.get("code") or ""), str(first.get("message") or "")
+    except (ValueError, AttributeError, IndexError, TypeError):
+        return "", ""
+
+
+def _retry_after(response: Response) -> float | None:
+    value = response.header("Retry-After")
+    if not value:
+        return None
+    value = value.strip()
+    if value.isdigit():
+        return min(float(value), MAX_RETRY_AFTER)
+    try:
+        when = email.utils.parsedate_to_datetime(value).timestamp()
+    except (TypeError, ValueError):
+        return None
+    return max(0.0, min(when - time.time(), MAX_RETRY_AFTER))
+
+
+def backoff(attempt: int) -> float:
+    """0.2 s, 0.4 s, 0.8 s, … capped at 5 s."""
+    return min(0.2 * (2 ** (attempt - 1)), 5.0)
+
+
+def _describe(exc: BaseException) -> str:
+    if isinstance(exc, ConnectionRefusedError):
+        return "connection refused"
+    if isinstance(exc, socket.gaierror):
+        return "unknown host"
+    if isinstance(exc, TimeoutError):
+        return "timed out"
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        return f"TLS certificate not trusted ({exc.verify_message})"
+    if isinstance(exc, ssl.SSLError):
+        return f"TLS error ({exc.reason or exc})"
+    if isinstance(exc, ConnectionError | http.client.RemoteDisconnected | http.client.IncompleteRead):
+        return "connection dropped"
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror.lower()
+    return str(exc) or type(exc).__name__
+
+
+class RegistryClient:
+    """One registry host's API: `get_manifest`, `fetch_blob`, `check_login`.
+
+    `registry` is the name users type (docker.io), `api_host` the host serving the API
+    (registry-1.docker.io). Safe to share between threads.
+    """
+
+    def __init__(
+        self,
+        registry: str,
+        api_host: str | None = None,
+        credential: Callable[[], Credential | None] | None = None,
+        transport: Transport | None = None,
+        sleep: Callable[[float], object] | None = None,
+    ):
+        self.registry = registry
+        self.host = api_host or registry
+        self.transport = transport or Transport(insecure_hosts_from_env())
+        self.auth = Authenticator(registry, self.transport, credential or (lambda: None))
+        self._base: str | None = None
+        self._base_lock = threading.Lock()
+        self._sleep = sleep or time.sleep
+
+    # -- connection and authentication ---------------------------------------------------------
+
+    def base_url(self) -> str:
+        """`https://host` or, for a loopback/insecure host serving plain HTTP, `http://host`.
+
+        Found by pinging `/v2/` once, as Docker does; a 401 there tells the auth scheme early.
+        """
+        with self._base_lock:
+            if self._base is None:
+                self._base = self._ping()
+            return self._base
+
+    def _ping(self) -> str:
+        schemes = ["http", "https"] if self.transport.allows_plain_http(self.host) else ["https"]
+        last: BaseException | None = None
+        for attempt in range(1, ATTEMPTS + 1):
+            for scheme in schemes:
+                url = f"{scheme}://{self.host}/v2/"
+                try:
+                    response = self.transport.request("GET", url, follow_redirects=False)
+                    with response:
+                        body = response.read_all(1 << 16) if response.status == 400 else b""
+                except _UNREACHABLE as exc:
+                    # Down, unknown or untrusted: the same for every scheme and every retry.
+                    raise RegistryError(f"can't reach registry {self.host}: {_describe(exc)}") from None
+                except TRANSIENT as exc:
+                    last = exc
+                    continue
+                if scheme == "http" and response.status == 400 and b"HTTPS" in body.upper():
+                    continue  # Go's TLS server answering a plain request
+                if response.status == 401:
+                    self.auth.learn(response.header_values("WWW-Authenticate"))
+                return f"{scheme}://{self.host}"
+            if attempt < ATTEMPTS:
+                self._sleep(backoff(attempt))
+        raise RegistryError(f"can't reach registry {self.host}: {_describe(last) if last else 'no answer'}")
+
+    def _request(
+        self,
+        method: str,
+        path: str,
+        scope: str,
+        headers: dict[str, str] | None = None,
+    ) -> Response:
+        """One authenticated request; a 401 is answered once (fresh token or basic auth) and retried."""
+        url = self.base_url() + path
+        headers = dict(headers or {})
+        authorization = self.auth.authorization(scope)
+        if authorization:
+            headers["Authorization"] = authorization
+        response = self.transport.request(method, url, headers)
+        if response.status != 401:
+            return response
+        challenges = response.header_values("WWW-Authenticate")
+        response.close()
+        headers["Authorization"] = self.auth.answer(challenges, scope, authorization)
+        return self.transport.request(method, url, headers)
+
+    def _retrying(
+        self, what: str, send: Callable[[], Response], cancel: threading.Event | None = None
+    ) -> Response:
+        """`send()` until it is not a 429/5xx or a dropped connection, with backoff; then the answer."""
+        problem = ""
+        for attempt in range(1, ATTEMPTS + 1):
+            if cancel is not None and cancel.is_set():
+                raise Cancelled()
+            delay = backoff(attempt)
+            try:
+                response = send()
+            except (ConnectionRefusedError, socket.gaierror) as exc:
+                problem = f"can't reach registry {self.host}: {_describe(exc)}"
+            except ssl.SSLCertVerificationError as exc:
+                raise RegistryError(f"can't reach registry {self.host}: {_describe(exc)}") from None
+            except TRANSIENT as exc:
+                problem = f"{what}: {_describe(exc)}"
+            else:
+                if response.status != 429 and response.status < 500:
+                    return response
+                problem = f"{what}: registry answered {response.status} {response.reason}"
+                delay = _retry_after(response) or delay
+                response.close()
+            if attempt < ATTEMPTS:
+                if cancel is not None:
+                    if cancel.wait(delay):
+                        raise Cancelled()
+                else:
+                    self._sleep(delay)
+        raise RegistryError(problem)
+
+    def _fail(self, response: Response, what: str, repository: str) -> None:
+        """Raise the error a non-2xx answer means."""
+        try:
+            body = response.read_all(1 << 16)
+        except (RegistryError, *TRANSIENT):
+            body = b""
+        code, message = _error_detail(body)
+        detail = message or code.lower().replace("_", " ") or response.reason
+        if response.status == 404 or code in ("MANIFEST_UNKNOWN", "NAME_UNKNOWN", "BLOB_UNKNOWN"):
+            raise NotFound(f"{what} not found: {detail}")
+        if response.status == 401:
+            if self.auth.credential is None:
+                raise AuthError(
+                    f"pull access denied for {self.registry}/{repository}: repository does not exist "
+                    f"or may require 'ocibox login {self.registry}'"
+                )
+            raise AuthError(f"access to {self.registry}/{repository} denied: {detail}")
+        if response.status == 403 or code == "DENIED":
+            raise AuthError(f"access to {self.registry}/{repository} denied: {detail}")
+        raise RegistryError(f"{what}: registry answered {response.status} {detail}")
+
+    # -- the API --------------------------------------------------------------------------------
+
+    def get_manifest(self, repository: str, reference: str, *, what: str | None = None) -> ManifestResponse:
+        """GET a manifest or index by tag or digest; its digest is checked against the reference's
+        digest, or else the registry's Docker-Content-Digest header."""
+        path = f"/v2/{repository}/manifests/{reference}"
+        what = what or f"manifest for {self.registry}/{repository}:{reference}"
+        scope = scope_for(repository)
+
+        def send() -> Response:
+            response = self._request("GET", path, scope, {"Accept": MANIFEST_ACCEPT})
+            if response.status != 200:
+                return response
+            try:
+                response.data = response.read_all(MANIFEST_LIMIT)
+            except BaseException:
+                response.abort()
+                raise
+            return response
+
+        response = self._retrying(f"fetching {what}", send)
+        if response.status != 200:
+            with response:
+                self._fail(response, what, repository)
+        data: bytes = response.data
+        media_type = (response.header("Content-Type") or "").split(";")[0].strip()
+        expected = reference if ":" in reference else response.header("Docker-Content-Digest")
+        if expected:
+            algorithm = expected.partition(":")[0]
+            digest = _digest_of(data, algorithm)
+            if digest != expected:
+                raise IntegrityError(
+                    f"{what}: content does not match its digest (expected {expected}, got {digest})"
+                )
+            if algorithm != "sha256":
+                digest = _digest_of(data, "sha256")
+        else:
+            digest = _digest_of(data, "sha256")
+        return ManifestResponse(data, media_type, digest)
+
+    def fetch_blob(
+        self,
+        repository: str,
+        digest: str,
+        size: int,
+        sink: BlobSink,
+        on_progress: Callable[[int], None] | None = None,
+        cancel: threading.Event | None = None,
+    ) -> None:
+        """Stream blob `digest` (`size` bytes) into `sink`, resuming with Range after a dropped
+        connection when the server allows (206), else starting over. The sink checks the digest."""
+        path = f"/v2/{repository}/blobs/{digest}"
+        scope = scope_for(repository)
+        what = f"blob {digest} of {self.registry}/{repository}"
+        buffer = memoryview(bytearray(CHUNK))
+        use_range = True
+        failures = 0
+        while True:
+            start = sink.offset if use_range else 0
+            if not use_range and sink.offset:
+                sink.reset()
+            headers = {"Range": f"bytes={start}-"} if start else {}
+            response = self._retrying(
+                f"downloading {what}", lambda h=headers: self._request("GET", path, scope, h), cancel
+            )
+            with response:
+                if response.status == 206 and start:
+                    if not (response.header("Content-Range") or "").startswith(f"bytes {start}-"):
+                        use_range = False
+                        response.abort()
+                        continue
+                elif response.status == 200:
+                    if sink.offset:
+                        sink.reset()
+                else:
+                    self._fail(response, what, repository)
+                before = sink.offset
+                try:
+                    self._stream(response, sink, size, buffer, on_progress, cancel)
+                except _Dropped as exc:
+                    response.abort()
+                    problem = _describe(exc.cause)
+                else:
+                    if sink.offset >= size:
+                        return
+                    problem = "connection dropped"
+            failures = 0 if sink.offset > before else failures + 1
+            if failures >= ATTEMPTS:
+                raise RegistryError(f"downloading {what}: {problem} ({sink.offset} of {size} bytes)")
+            if cancel is not None:
+                if cancel.wait(backoff(failures or 1)):
+                    raise Cancelled()
+            else:
+                self._sleep(backoff(failures or 1))
+
+    @staticmethod
+    def _stream(
+        response: Response,
+        sink: BlobSink,
+        size: int,
+        buffer: memoryview,
+        on_progress: Callable[[int], None] | None,
+        cancel: threading.Event | None,
+    ) -> None:
+        """Copy the body into the sink, never past `size` bytes."""
+        while True:
+            remaining = size - sink.offset
+            if remaining <= 0:
+                return
+            view = buffer if remaining >= len(buffer) else buffer[:remaining]
+            try:
+                n = response.readinto(view)
+            except TRANSIENT as exc:
+                raise _Dropped(exc) from None
+            if n == 0:
+                return
+            sink.write(view[:n])
+            if on_progress is not None:
+                on_progress(sink.offset)
+            if cancel is not None and cancel.is_set():
+                response.abort()
+                raise Cancelled()
+
+    def check_login(self) -> None:
+        """Make sure the registry accepts the current credentials (`ocibox login`)."""
+        path = "/v2/"
+
+        def send() -> Response:
+            return self._request("GET", path, "")
+
+        response = self._retrying(f"logging in to {self.registry}", send)
+        with response:
+            if response.status == 200:
+                return
+            if response.status == 401:
+                raise AuthError(f"login to {self.registry} failed: incorrect username or password")
+            self._fail(response, f"registry {self.registry}", "")
+
+    def close(self) -> None:
+        self.transport.close()
