@@ -24,6 +24,8 @@ PKGS=(
   # OCI schemas and test vectors
   golang-github-opencontainers-image-spec-dev golang-github-opencontainers-specs-dev
   golang-github-docker-distribution-dev
+  # test fixtures: the token server signs its JWTs (RS256) with python3-cryptography
+  python3-cryptography
 )
 missing=()
 for p in "${PKGS[@]}"; do
@@ -33,6 +35,19 @@ if [ ${#missing[@]} -gt 0 ]; then
   echo "setup: installing ${missing[*]}"
   $SUDO apt-get update -qq
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+
+# The multi-arch test image carries the real arm64 busybox-static: enable the architecture and keep
+# the .deb where the test fixtures look for it (tests/support/busybox.py).
+ARM64_DEBS=/var/cache/ocibox-tests/debs
+if ! dpkg --print-foreign-architectures | grep -qx arm64; then
+  $SUDO dpkg --add-architecture arm64
+  $SUDO apt-get update -qq
+fi
+if ! ls "$ARM64_DEBS"/busybox-static_*_arm64.deb >/dev/null 2>&1; then
+  $SUDO mkdir -p "$ARM64_DEBS"
+  (cd "$ARM64_DEBS" && $SUDO apt-get download -qq busybox-static:arm64 2>/dev/null) ||
+    (cd "$ARM64_DEBS" && $SUDO apt-get update -qq && $SUDO apt-get download -qq busybox-static:arm64)
 fi
 
 # Debian's docker-registry package starts a system service on :5000; the tests start their own.
