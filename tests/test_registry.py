@@ -1,0 +1,359 @@
+"""The registry client's parts: challenges, credential files and helpers, hosts, platforms, tokens.
+
+Pure parts are table-driven; the token and transport behaviour is checked against the real
+docker-registry fixtures (token_registry's token server records every token request).
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import stat
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from ocibox.errors import AuthError, IntegrityError, RegistryError
+from ocibox.image import Index, Platform, parse_manifest
+from ocibox.registry import credentials
+from ocibox.registry.auth import parse_challenges
+from ocibox.registry.client import RegistryClient, Transport, insecure_hosts_from_env, is_loopback
+from ocibox.registry.credentials import Credential
+
+# --- WWW-Authenticate -------------------------------------------------------------------------
+
+CHALLENGES = [
+    (
+        'Bearer realm="https://auth.docker.io/token",service="registry.docker.io",'
+        'scope="repository:library/alpine:pull"',
+        [
+            (
+                "bearer",
+                {
+                    "realm": "https://auth.docker.io/token",
+                    "service": "registry.docker.io",
+                    "scope": "repository:library/alpine:pull",
+                },
+            )
+        ],
+    ),
+    ('Basic realm="Registry Realm"', [("basic", {"realm": "Registry Realm"})]),
+    ("Basic", [("basic", {})]),
+    (
+        'BEARER Realm="r", Error="insufficient_scope"',
+        [("bearer", {"realm": "r", "error": "insufficient_scope"})],
+    ),
+    (
+        'Bearer realm = "spaced" , service=token-value',
+        [("bearer", {"realm": "spaced", "service": "token-value"})],
+    ),
+    (r'Bearer realm="with \"quote\" inside"', [("bearer", {"realm": 'with "quote" inside'})]),
+    (
+        'Basic realm="a, b", Bearer realm="https://t/token",scope="x:y:pull,push"',
+        [("basic", {"realm": "a, b"}), ("bearer", {"realm": "https://t/token", "scope": "x:y:pull,push"})],
+    ),
+    ("Negotiate abc123==", [("negotiate", {"": "abc123=="})]),
+    ("", []),
+]
+
+
+@pytest.mark.parametrize(("header", "expected"), CHALLENGES)
+def test_challenge_headers_parse_like_rfc7235(header, expected):
+    got = [(c.scheme, c.params) for c in parse_challenges([header])]
+    assert got == expected
+
+
+def test_challenges_from_several_header_lines_are_all_kept():
+    got = parse_challenges(['Basic realm="x"', 'Bearer realm="y"'])
+    assert [c.scheme for c in got] == ["basic", "bearer"]
+
+
+# --- hosts: TLS unless loopback or named insecure ------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("host", "loopback"),
+    [
+        ("localhost", True),
+        ("localhost:5000", True),
+        ("127.0.0.1:5000", True),
+        ("127.1.2.3", True),
+        ("[::1]:5000", True),
+        ("registry.local:5000", False),
+        ("10.0.0.1:5000", False),
+        ("docker.io", False),
+        ("127.0.0.1.example.com", False),
+    ],
+)
+def test_only_loopback_hosts_may_speak_plain_http_by_default(host, loopback):
+    assert is_loopback(host) is loopback
+    assert Transport().allows_plain_http(host) is loopback
+
+
+def test_insecure_registries_come_from_the_environment():
+    hosts = insecure_hosts_from_env({"OCIBOX_INSECURE_REGISTRIES": "reg.lan:5000, other.lan ,"})
+    assert hosts == {"reg.lan:5000", "other.lan"}
+    transport = Transport(hosts)
+    assert transport.allows_plain_http("reg.lan:5000")
+    assert transport.allows_plain_http("other.lan:443")
+    assert not transport.allows_plain_http("reg.lan:6000")
+
+
+def test_a_registry_that_does_not_answer_is_one_clear_error():
+    client = RegistryClient("127.0.0.1:9", transport=Transport(timeout=5))
+    with pytest.raises(RegistryError) as info:
+        client.get_manifest("library/x", "latest")
+    assert "can't reach registry 127.0.0.1:9: connection refused" in str(info.value)
+
+
+# --- platform selection ------------------------------------------------------------------------
+
+
+def _index(*platforms: dict) -> Index:
+    manifests = [
+        {
+            "mediaType": "application/vnd.oci.image.manifest.v1+json",
+            "digest": "sha256:" + f"{i:x}".rjust(64, "0"),
+            "size": 100 + i,
+            "platform": p,
+        }
+        for i, p in enumerate(platforms, start=1)
+    ]
+    doc = {"schemaVersion": 2, "mediaType": "application/vnd.oci.image.index.v1+json", "manifests": manifests}
+    node = parse_manifest(json.dumps(doc).encode())
+    assert isinstance(node, Index)
+    return node
+
+
+AMD64 = {"os": "linux", "architecture": "amd64"}
+ARM64 = {"os": "linux", "architecture": "arm64"}
+ARM64_V8 = {"os": "linux", "architecture": "arm64", "variant": "v8"}
+ARM_V7 = {"os": "linux", "architecture": "arm", "variant": "v7"}
+ARM_V6 = {"os": "linux", "architecture": "arm", "variant": "v6"}
+
+
+@pytest.mark.parametrize(
+    ("wanted", "offered", "chosen"),
+    [
+        ("linux/amd64", [ARM64, AMD64], 2),
+        ("linux/arm64", [AMD64, ARM64_V8], 2),  # no variant asked: v8 is arm64's default
+        ("linux/arm64/v8", [AMD64, ARM64], 2),  # an arm64 entry without variant is v8
+        ("linux/arm/v7", [ARM_V6, ARM_V7], 2),  # exact variant first
+        ("linux/arm/v7", [AMD64, ARM_V6], 2),  # v7 runs v6 images
+        ("arm64", [AMD64, ARM64], 2),  # just an architecture means linux
+    ],
+)
+def test_platform_selection_matches_like_containerd(wanted, offered, chosen):
+    index = _index(*offered)
+    assert index.select(Platform.parse(wanted)).digest == index.manifests[chosen - 1].digest
+
+
+def test_no_manifest_for_the_platform_names_the_ones_there_are():
+    with pytest.raises(IntegrityError, match=r"no image for platform linux/s390x.*linux/amd64, linux/arm64"):
+        _index(AMD64, ARM64).select(Platform.parse("linux/s390x"))
+
+
+# --- credential files --------------------------------------------------------------------------
+
+
+def _auth(user: str, password: str) -> str:
+    return base64.b64encode(f"{user}:{password}".encode()).decode()
+
+
+def _write(path: Path, doc: dict) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(doc))
+    return path
+
+
+@pytest.fixture
+def env(tmp_path):
+    home = tmp_path / "home"
+    home.mkdir()
+    return {"HOME": str(home), "PATH": os.environ["PATH"]}
+
+
+def test_docker_config_auths_are_read_with_any_key_spelling(env):
+    _write(
+        Path(env["HOME"]) / ".docker/config.json",
+        {
+            "auths": {
+                "https://index.docker.io/v1/": {"auth": _auth("hubuser", "hubpass")},
+                "http://reg.example:5000/": {"auth": _auth("u", "p:with:colons")},
+            }
+        },
+    )
+    assert credentials.lookup("docker.io", "library/alpine", env) == Credential("hubuser", "hubpass")
+    assert credentials.lookup("reg.example:5000", env=env) == Credential("u", "p:with:colons")
+    assert credentials.lookup("reg.example", env=env) is None
+
+
+def test_docker_config_env_and_registry_auth_file_take_precedence(env, tmp_path):
+    _write(Path(env["HOME"]) / ".docker/config.json", {"auths": {"r.io": {"auth": _auth("home", "x")}}})
+    _write(tmp_path / "dc/config.json", {"auths": {"r.io": {"auth": _auth("dockerconfig", "x")}}})
+    _write(tmp_path / "raf.json", {"auths": {"r.io": {"auth": _auth("authfile", "x")}}})
+    assert credentials.lookup("r.io", env=env).username == "home"
+    env["DOCKER_CONFIG"] = str(tmp_path / "dc")
+    assert credentials.lookup("r.io", env=env).username == "dockerconfig"
+    env["REGISTRY_AUTH_FILE"] = str(tmp_path / "raf.json")
+    assert credentials.lookup("r.io", env=env).username == "authfile"
+
+
+def test_containers_auth_json_is_read_from_the_runtime_and_config_dirs(env, tmp_path):
+    config_home = Path(env["HOME"]) / ".config"
+    _write(config_home / "containers/auth.json", {"auths": {"q.io": {"auth": _auth("cfg", "x")}}})
+    assert credentials.lookup("q.io", env=env).username == "cfg"
+    env["XDG_RUNTIME_DIR"] = str(tmp_path / "run")
+    _write(tmp_path / "run/containers/auth.json", {"auths": {"q.io": {"auth": _auth("run", "x")}}})
+    assert credentials.lookup("q.io", env=env).username == "run"
+
+
+def test_a_repository_scoped_entry_wins_over_the_registry_entry(env):
+    _write(
+        Path(env["HOME"]) / ".docker/config.json",
+        {
+            "auths": {
+                "q.io": {"auth": _auth("everyone", "x")},
+                "q.io/team": {"auth": _auth("team", "x")},
+                "q.io/team/app": {"auth": _auth("app", "x")},
+            }
+        },
+    )
+    assert credentials.lookup("q.io", "team/app", env).username == "app"
+    assert credentials.lookup("q.io", "team/other", env).username == "team"
+    assert credentials.lookup("q.io", "solo", env).username == "everyone"
+
+
+def test_identity_tokens_are_kept_for_the_oauth_flow(env):
+    entry = {"auth": _auth("u", "p"), "identitytoken": "refresh-me"}
+    _write(Path(env["HOME"]) / ".docker/config.json", {"auths": {"q.io": entry}})
+    assert credentials.lookup("q.io", env=env) == Credential("u", "p", "refresh-me")
+
+
+def test_a_malformed_credentials_file_is_one_clear_error(env):
+    path = Path(env["HOME"]) / ".docker/config.json"
+    path.parent.mkdir()
+    path.write_text("{not json")
+    with pytest.raises(AuthError, match="malformed credentials file"):
+        credentials.lookup("q.io", env=env)
+
+
+def test_login_writes_docker_format_with_private_permissions(env):
+    path = _write(Path(env["HOME"]) / ".docker/config.json", {"auths": {}, "psFormat": "table"})
+    written = credentials.save("docker.io", Credential("me", "pw"), env)
+    assert written == path
+    doc = json.loads(path.read_text())
+    assert doc["psFormat"] == "table"  # other settings are kept
+    assert doc["auths"] == {"https://index.docker.io/v1/": {"auth": _auth("me", "pw")}}
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert credentials.erase("docker.io", env) is True
+    assert json.loads(path.read_text())["auths"] == {}
+    assert credentials.erase("docker.io", env) is False
+
+
+def test_login_creates_the_docker_folder_private(env):
+    credentials.save("r.io:5000", Credential("me", "pw"), env)
+    folder = Path(env["HOME"]) / ".docker"
+    assert stat.S_IMODE(folder.stat().st_mode) == 0o700
+    assert credentials.lookup("r.io:5000", env=env) == Credential("me", "pw")
+
+
+# --- credential helpers: a real docker-credential-* program speaking the helper protocol ------
+
+HELPER = textwrap.dedent(
+    """\
+    #!/usr/bin/python3
+    # A minimal docker-credential helper keeping its secrets in one JSON file.
+    import json, os, sys
+    path = os.environ["HELPER_DB"]
+    db = json.load(open(path)) if os.path.exists(path) else {}
+    action, data = sys.argv[1], sys.stdin.read()
+    if action == "get":
+        if data.strip() not in db:
+            print("credentials not found in native keychain"); sys.exit(1)
+        user, secret = db[data.strip()]
+        print(json.dumps({"ServerURL": data.strip(), "Username": user, "Secret": secret}))
+    elif action == "store":
+        doc = json.loads(data); db[doc["ServerURL"]] = [doc["Username"], doc["Secret"]]
+    elif action == "erase":
+        if db.pop(data.strip(), None) is None:
+            print("credentials not found in native keychain"); sys.exit(1)
+    json.dump(db, open(path, "w"))
+    """
+)
+
+
+@pytest.fixture
+def helper_env(env, tmp_path):
+    bindir = tmp_path / "bin"
+    bindir.mkdir()
+    helper = bindir / "docker-credential-testhelper"
+    helper.write_text(HELPER)
+    helper.chmod(0o755)
+    env["PATH"] = f"{bindir}:{env['PATH']}"
+    env["HELPER_DB"] = str(tmp_path / "helper-db.json")
+    return env
+
+
+def test_creds_store_helper_stores_gets_and_erases(helper_env):
+    config = _write(Path(helper_env["HOME"]) / ".docker/config.json", {"credsStore": "testhelper"})
+    credentials.save("docker.io", Credential("hub", "secret"), helper_env)
+    db = json.loads(Path(helper_env["HELPER_DB"]).read_text())
+    assert db == {"https://index.docker.io/v1/": ["hub", "secret"]}
+    assert "secret" not in config.read_text()  # the file only marks the registry
+    assert credentials.lookup("docker.io", "library/alpine", helper_env) == Credential("hub", "secret")
+    assert credentials.erase("docker.io", helper_env) is True
+    assert credentials.lookup("docker.io", env=helper_env) is None
+
+
+def test_cred_helpers_apply_per_registry(helper_env):
+    Path(helper_env["HELPER_DB"]).write_text(json.dumps({"q.io": ["helped", "pw"]}))
+    _write(
+        Path(helper_env["HOME"]) / ".docker/config.json",
+        {"credHelpers": {"q.io": "testhelper"}, "auths": {"r.io": {"auth": _auth("plain", "pw")}}},
+    )
+    assert credentials.lookup("q.io", env=helper_env) == Credential("helped", "pw")
+    assert credentials.lookup("r.io", env=helper_env) == Credential("plain", "pw")
+
+
+def test_a_helper_that_is_not_installed_does_not_break_anonymous_pulls(env):
+    _write(Path(env["HOME"]) / ".docker/config.json", {"credsStore": "desktop"})
+    assert credentials.lookup("docker.io", env=env) is None
+
+
+# --- tokens against the real token registry ------------------------------------------------------
+
+
+def test_bearer_tokens_are_fetched_once_per_repository_and_reused(token_registry, monkeypatch):
+    server = token_registry.token_server
+    server.requests.clear()
+    client = RegistryClient(token_registry.host)
+    for _ in range(3):
+        client.get_manifest("public/busybox", "latest")
+    scopes = [r.scopes for r in server.requests]
+    assert scopes == [["repository:public/busybox:pull"]]
+    assert server.requests[0].username is None  # anonymous
+
+
+def test_an_expired_token_is_replaced(token_registry):
+    server = token_registry.token_server
+    server.requests.clear()
+    ticks = [0.0]
+    client = RegistryClient(token_registry.host)
+    client.auth._clock = lambda: ticks[0]
+    client.get_manifest("public/busybox", "latest")
+    ticks[0] += 3600
+    client.get_manifest("public/busybox", "latest")
+    assert len(server.requests) == 2
+
+
+def test_credentials_are_sent_to_the_token_server(token_registry):
+    server = token_registry.token_server
+    server.requests.clear()
+    cred = Credential(token_registry.username, token_registry.password)
+    client = RegistryClient(token_registry.host, credential=lambda: cred)
+    manifest = client.get_manifest("private/busybox", "latest")
+    assert manifest.digest.startswith("sha256:")
+    assert [r.username for r in server.requests] == [token_registry.username]
