@@ -1,0 +1,159 @@
+/* ocibox-runtime: shared types and the functions each concern exports. */
+#ifndef OCIBOX_H
+#define OCIBOX_H
+
+#define _GNU_SOURCE
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <sys/resource.h>
+#include <sys/types.h>
+
+#define PROG "ocibox-runtime"
+#define EXIT_RUNTIME 125
+#define EXIT_CANNOT_EXEC 126
+#define EXIT_NOT_FOUND 127
+
+/* ---- util.c: errors and small helpers ---- */
+_Noreturn void die(const char *step, const char *path);               /* uses errno */
+_Noreturn void die_msg(const char *step, const char *path, const char *msg);
+void notice(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
+void write_file(const char *step, const char *path, const char *text); /* dies on failure */
+int try_write_file(const char *path, const char *text);               /* -1 + errno */
+char *xasprintf(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
+void *xcalloc(size_t n, size_t size);
+
+/* ---- config.c: the subset of an OCI runtime-spec config.json ---- */
+struct idmap {
+    unsigned long inside, outside, count;
+};
+
+struct mount_cfg {
+    const char *dest, *source, *type;
+    unsigned long flags;       /* MS_* flags from options */
+    unsigned long propagation; /* MS_PRIVATE, MS_SLAVE, ... with MS_REC when r-prefixed */
+    char *data;                /* options that are not flags, comma-joined */
+    bool bind, recursive;
+};
+
+struct rlimit_cfg {
+    int resource;
+    rlim_t soft, hard;
+};
+
+enum cap_set { CS_BOUNDING, CS_EFFECTIVE, CS_INHERITABLE, CS_PERMITTED, CS_AMBIENT, CS_NSETS };
+
+struct resources {
+    bool any;
+    int64_t mem_limit, mem_reservation, mem_swap; /* -1 = unset */
+    int64_t swappiness;                          /* -1 = unset */
+    int64_t cpu_shares, cpu_quota, cpu_period;   /* -1 = unset */
+    const char *cpus, *mems;                     /* NULL = unset */
+    int64_t pids_limit;                          /* -1 = unset, 0 or less = unlimited */
+};
+
+struct config {
+    const char *bundle;
+    const char *const *args;
+    const char *const *env;
+    const char *cwd;
+    uid_t uid;
+    gid_t gid;
+    gid_t *gids;
+    size_t ngids;
+    int umask; /* -1 = unset */
+    bool terminal;
+    struct rlimit_cfg *rlimits;
+    size_t nrlimits;
+    bool no_new_privs;
+    bool has_caps;
+    uint64_t caps[CS_NSETS];
+    int oom_score_adj;
+    bool has_oom_score_adj;
+    char *root_path; /* absolute host path */
+    bool root_readonly;
+    const char *hostname;
+    struct mount_cfg *mounts;
+    size_t nmounts;
+    int clone_flags; /* CLONE_NEW* from linux.namespaces */
+    struct idmap *uidmaps, *gidmaps;
+    size_t nuidmaps, ngidmaps;
+    struct resources res;
+    const char *cgroups_path;
+    const char *const *masked;
+    const char *const *readonly;
+    const char **sysctl_keys, **sysctl_values;
+    size_t nsysctl;
+    void *seccomp; /* json_t of linux.seccomp, or NULL */
+    unsigned long rootfs_propagation;
+};
+
+void config_load(struct config *cfg, const char *bundle);
+
+/* ---- userns.c ---- */
+struct idmapping_result {
+    bool setgroups_denied; /* single mapping written by ourselves: setgroups(2) unavailable */
+};
+void userns_map(pid_t pid, const struct config *cfg, bool rootless, struct idmapping_result *out);
+
+/* ---- caps.c ---- */
+int cap_from_name(const char *name); /* -1 if unknown */
+void caps_drop_bounding(const struct config *cfg);
+void caps_apply(const struct config *cfg); /* after the user switch */
+
+/* ---- rootfs.c ---- */
+/* Where the image's file tree comes from. A directory today; a squashfs payload at an offset of a
+ * file (mounted with FUSE) plugs in here as another kind, without touching the rest. */
+enum rootfs_kind { ROOTFS_DIR };
+struct rootfs_source {
+    enum rootfs_kind kind;
+    const char *path; /* ROOTFS_DIR: absolute host path of the image tree */
+};
+
+struct rootfs_opts {
+    struct rootfs_source source;
+    const char *upper; /* host dir holding upper/ and work/ (persistent), or NULL for tmpfs */
+    bool userns;       /* running inside a user namespace we created */
+};
+
+/* Builds the container's root and pivots into it. On return the process is inside the new root. */
+void rootfs_setup(const struct config *cfg, const struct rootfs_opts *opts);
+
+/* ---- mounts.c ---- */
+#define HOST "/oldroot" /* where the host's root is visible while the new root is built */
+#define NEWROOT "/newroot"
+void mounts_apply(const struct config *cfg, int rootfd, bool userns);
+void mounts_devices(const struct config *cfg, int rootfd, bool userns);
+void mounts_mask(const struct config *cfg, int rootfd);
+int open_in_root(int rootfd, const char *path, int flags);
+void mkdir_in_root(int rootfd, const char *path, bool as_file);
+
+/* ---- cgroups.c ---- */
+struct cgroup_state {
+    char *dirs[8];
+    size_t ndirs;
+};
+void cgroups_apply(pid_t pid, const struct config *cfg, const char *id, bool rootless,
+                   struct cgroup_state *st);
+void cgroups_remove(struct cgroup_state *st);
+
+/* ---- terminal.c ---- */
+int terminal_open_pty(int *slave); /* inside the container: returns the master */
+void terminal_start(int master);    /* caller side: raw mode, window size */
+void terminal_winch(int master);
+bool terminal_pump(int from, int to); /* false on EOF/EIO */
+void terminal_restore(void);
+void terminal_drain(int master);
+
+/* ---- seccomp.c ---- */
+void seccomp_apply(const struct config *cfg);
+
+/* ---- init.c ---- */
+/* Forks the container process, becomes its PID 1 and never returns. */
+_Noreturn void init_run(const struct config *cfg, int pty_slave, bool setgroups_denied);
+
+/* ---- container.c ---- */
+/* Runs in the new namespaces; sync is the socket to the caller. Never returns. */
+_Noreturn void container_main(const struct config *cfg, const struct rootfs_opts *opts, int sync);
+
+#endif
