@@ -61,7 +61,9 @@ import pytest
 
 from support import busybox as busybox_images
 from support.images import TestImages, push_busybox
+from support.proxy import FaultProxy
 from support.registry import start_registry
+from support.schemas import OciSchema
 from support.tokens import TokenServer
 from support.users import OciboxRunner, make_shared_code, user_exists
 from support.users import as_user as run_as_user
@@ -143,3 +145,15 @@ def as_user():
     if not user_exists():
         pytest.skip("the test user ocibox-test does not exist (run scripts/setup.sh)")
     return run_as_user
+
+
+@pytest.fixture
+def fault_proxy(registry):
+    proxy = FaultProxy(registry.url)
+    yield proxy
+    proxy.stop()
+
+
+@pytest.fixture(scope="session")
+def oci_schema():
+    return OciSchema()

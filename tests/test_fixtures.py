@@ -2,14 +2,20 @@
 
 from __future__ import annotations
 
+import hashlib
+import http.client as http_client
+import io
 import json
 import subprocess
+import tarfile
 import urllib.request
 
+import jsonschema
 import pytest
 
 from support.layout import DOCKER_LIST, DOCKER_MANIFEST, OCI_INDEX, OCI_LAYER, OCI_LAYER_ZSTD, OCI_MANIFEST
 from support.registry import fetch_token, http
+from support.users import CommandFailed, user_ids
 
 
 def skopeo_inspect(ref: str, *flags: str) -> dict:
@@ -173,3 +179,192 @@ def test_skopeo_pulls_through_token_auth(token_registry, tmp_path):
         check=True,
     )
     assert "private" in (tmp_path / "out" / "index.json").read_text()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["debian", "python"])
+def test_debian_images_are_cached_and_pushed(images, name):
+    img = images[name]
+    assert img.media_type == OCI_MANIFEST
+    assert len(img.layers) == {"debian": 2, "python": 4}[name]
+    assert {layer.media_type for layer in img.layers} == {"application/vnd.oci.image.layer.v1.tar+gzip"}
+    assert img.facts["deleted"] == ["/etc/issue.net", "/usr/share/doc/base-files"]
+    assert img.layers[:2] == images["debian"].layers[:2]
+    assert skopeo_inspect(img.ref)["Digest"] == img.digest
+
+
+@pytest.mark.slow
+def test_the_whiteout_layer_deletes_a_file_and_a_folder(images, registry):
+    layer = images["debian"].layers[1]
+    status, _, body = registry.request(f"/v2/debian/blobs/{layer.digest}")
+    assert status == 200
+    with tarfile.open(fileobj=io.BytesIO(body)) as tar:
+        names = tar.getnames()
+    assert "etc/.wh.issue.net" in names
+    assert "usr/share/doc/.wh.base-files" in names
+    assert "etc/ocibox-test-image" in names
+
+
+def test_ocibox_runs_as_root_with_a_private_store(ocibox):
+    result = ocibox("--version")
+    assert result.stdout.startswith("ocibox ")
+    assert ocibox.env["OCIBOX_ROOT"] == str(ocibox.root)
+    assert ocibox.env["HOME"] == str(ocibox.home)
+    assert "OCIBOX_INSECURE_REGISTRIES" not in ocibox.env
+    assert ocibox.root.is_dir()
+
+
+def test_ocibox_check_shows_the_output_of_a_failed_command(ocibox):
+    with pytest.raises(CommandFailed, match="no-such-command"):
+        ocibox("no-such-command")
+    assert ocibox("no-such-command", check=False).returncode != 0
+
+
+@pytest.mark.rootless
+def test_ocibox_runs_as_the_test_user(ocibox, ocibox_user, as_user):
+    uid, _ = user_ids()
+    assert ocibox_user("--version").stdout.startswith("ocibox ")
+    assert ocibox("--version", user="ocibox-test").stdout.startswith("ocibox ")
+    assert ocibox_user.root.stat().st_uid == uid
+    assert ocibox_user.home.stat().st_uid == uid
+    assert ocibox_user.root != ocibox.root
+    env = dict(ocibox_user.env)
+    who = as_user(["sh", "-c", 'id -u; echo "$HOME"; test -w "$OCIBOX_ROOT" && echo writable'], env=env)
+    assert who.stdout.split() == [str(uid), str(ocibox_user.home), "writable"]
+    code = as_user(["/usr/bin/python3", "-c", "import ocibox; print(ocibox.__file__)"], env=env)
+    assert code.stdout.startswith(env["PYTHONPATH"])
+
+
+def blob_url(proxy, img, index: int = 0) -> str:
+    return f"{proxy.url}/v2/{img.repository}/blobs/{img.layers[index].digest}"
+
+
+def sha256(data: bytes) -> str:
+    return "sha256:" + hashlib.sha256(data).hexdigest()
+
+
+def test_the_proxy_passes_requests_through(fault_proxy, images):
+    img = images["busybox"]
+    status, _, body = http(blob_url(fault_proxy, img))
+    assert status == 200 and sha256(body) == img.layers[0].digest
+    assert fault_proxy.blob_gets(img.layers[0].digest)[0].fault == ""
+
+
+def test_the_proxy_corrupts_a_blob_once(fault_proxy, images):
+    img = images["busybox"]
+    fault_proxy.corrupt_blob(img.layers[0].digest)
+    status, _, body = http(blob_url(fault_proxy, img))
+    assert status == 200
+    assert len(body) == img.layers[0].size and sha256(body) != img.layers[0].digest
+    _, _, body = http(blob_url(fault_proxy, img))
+    assert sha256(body) == img.layers[0].digest
+
+
+def test_the_proxy_cuts_a_blob_mid_way(fault_proxy, images):
+    img = images["busybox"]
+    fault_proxy.cut_blob(after=1000)
+    with pytest.raises(http_client.IncompleteRead) as cut:
+        urllib.request.urlopen(blob_url(fault_proxy, img)).read()
+    assert len(cut.value.partial) == 1000
+    assert fault_proxy.blob_gets()[-1].fault == "cut"
+
+
+def test_the_proxy_answers_429_with_retry_after_then_recovers(fault_proxy, images):
+    img = images["busybox"]
+    fault_proxy.fail(429, times=2, retry_after=1)
+    for _ in range(2):
+        status, headers, _ = http(blob_url(fault_proxy, img))
+        assert status == 429 and headers["Retry-After"] == "1"
+    status, _, _ = http(blob_url(fault_proxy, img))
+    assert status == 200
+
+
+def test_the_proxy_fails_manifests_with_500(fault_proxy, images):
+    img = images["busybox"]
+    fault_proxy.fail(500, times=None, path="/manifests/")
+    status, _, _ = http(f"{fault_proxy.url}/v2/{img.repository}/manifests/latest")
+    assert status == 500
+    assert http(blob_url(fault_proxy, img))[0] == 200
+
+
+def test_the_proxy_can_refuse_range_requests(fault_proxy, images):
+    img = images["busybox"]
+    status, headers, body = http(blob_url(fault_proxy, img), headers={"Range": "bytes=10-19"})
+    assert status == 206 and len(body) == 10
+    fault_proxy.refuse_range()
+    status, headers, body = http(blob_url(fault_proxy, img), headers={"Range": "bytes=10-19"})
+    assert status == 200 and len(body) == img.layers[0].size
+    assert "Accept-Ranges" not in headers
+
+
+def test_skopeo_notices_a_corrupt_blob_from_the_proxy(fault_proxy, images, tmp_path):
+    img = images["busybox"]
+    fault_proxy.corrupt_blob(img.layers[0].digest)
+    cmd = ["skopeo", "copy", "-q", "--src-tls-verify=false", f"docker://{fault_proxy.ref(img.repository)}"]
+    bad = subprocess.run([*cmd, f"oci:{tmp_path}/bad:latest"], capture_output=True, text=True)
+    assert bad.returncode != 0 and "digest" in bad.stderr.lower()
+    subprocess.run([*cmd, f"oci:{tmp_path}/good:latest"], check=True)
+
+
+def test_pushes_go_through_the_proxy(fault_proxy, busybox_layouts, registry):
+    subprocess.run(
+        [
+            "skopeo",
+            "copy",
+            "-q",
+            "--dest-tls-verify=false",
+            f"oci:{busybox_layouts['busybox']}:latest",
+            f"docker://{fault_proxy.ref('through-proxy')}",
+        ],
+        check=True,
+    )
+    accept = {"Accept": OCI_MANIFEST}
+    assert registry.request("/v2/through-proxy/manifests/latest", method="HEAD", headers=accept)[0] == 200
+
+
+def test_skopeo_written_documents_match_the_oci_schemas(oci_schema, images, tmp_path):
+    subprocess.run(
+        [
+            "skopeo",
+            "copy",
+            "-q",
+            "--all",
+            "--src-tls-verify=false",
+            f"docker://{images['multiarch']}",
+            f"oci:{tmp_path}/out:latest",
+        ],
+        check=True,
+    )
+    layout = tmp_path / "out"
+    index = json.loads((layout / "index.json").read_text())
+    oci_schema.validate(index, "index")
+    oci_schema.validate(json.loads((layout / "oci-layout").read_text()), "layout")
+    oci_schema.validate(index["manifests"][0], "descriptor")
+    blobs = layout / "blobs" / "sha256"
+    top = json.loads((blobs / index["manifests"][0]["digest"].split(":")[1]).read_text())
+    oci_schema.validate(top, "index")
+    manifest = json.loads((blobs / top["manifests"][1]["digest"].split(":")[1]).read_text())
+    oci_schema.validate(manifest, "manifest")
+    oci_schema.validate(
+        json.loads((blobs / manifest["config"]["digest"].split(":")[1]).read_text()), "config"
+    )
+
+
+def test_the_schemas_reject_a_broken_manifest(oci_schema, images):
+    manifest = json.loads(images["busybox"].manifest.raw)
+    oci_schema.validate(manifest, "manifest")
+    manifest["config"]["digest"] = "not a digest"
+    with pytest.raises(jsonschema.ValidationError):
+        oci_schema.validate(manifest, "manifest")
+    del manifest["layers"]
+    with pytest.raises(jsonschema.ValidationError):
+        oci_schema.validate(manifest, "manifest")
+
+
+def test_runc_spec_matches_the_runtime_schema(oci_schema, tmp_path):
+    subprocess.run(["runc", "spec", "--rootless"], cwd=tmp_path, check=True)
+    config = json.loads((tmp_path / "config.json").read_text())
+    oci_schema.validate(config, "runtime-config")
+    config["process"]["args"] = "not a list"
+    with pytest.raises(jsonschema.ValidationError):
+        oci_schema.validate(config, "runtime-config")
