@@ -7,6 +7,7 @@ import http.client as http_client
 import io
 import json
 import subprocess
+import sys
 import tarfile
 import urllib.request
 
@@ -15,7 +16,7 @@ import pytest
 
 from support.layout import DOCKER_LIST, DOCKER_MANIFEST, OCI_INDEX, OCI_LAYER, OCI_LAYER_ZSTD, OCI_MANIFEST
 from support.registry import fetch_token, http
-from support.users import CommandFailed, user_ids
+from support.users import REPO, CommandFailed, user_ids
 
 
 def skopeo_inspect(ref: str, *flags: str) -> dict:
@@ -368,3 +369,13 @@ def test_runc_spec_matches_the_runtime_schema(oci_schema, tmp_path):
     config["process"]["args"] = "not a list"
     with pytest.raises(jsonschema.ValidationError):
         oci_schema.validate(config, "runtime-config")
+
+
+def test_the_demo_pulls_and_shows_the_busybox_image():
+    demo = subprocess.run(
+        [sys.executable, str(REPO / "scripts" / "demo.py")], capture_output=True, text=True, timeout=300
+    )
+    assert demo.returncode == 0, demo.stderr
+    assert "$ ocibox pull 127.0.0.1:" in demo.stdout
+    assert "demo/busybox" in demo.stdout
+    assert "demo finished: registry stopped" in demo.stdout
