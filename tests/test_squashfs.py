@@ -14,6 +14,7 @@ import io
 import os
 import re
 import shutil
+import socket
 import stat
 import subprocess
 import tarfile
@@ -464,6 +465,8 @@ def disk_tree(tmp_path_factory):
     os.symlink("nowhere", top / "links/dangling")
     (top / "special").mkdir()
     os.mkfifo(top / "special/fifo", 0o600)
+    with socket.socket(socket.AF_UNIX) as sock:
+        sock.bind(str(top / "special/socket"))
     (top / "modes").mkdir()
     (top / "modes/setuid").write_bytes(b"#!/bin/sh\n")
     os.chmod(top / "modes/setuid", 0o4755)
@@ -610,6 +613,56 @@ def test_a_real_debian_tree_round_trips(tmp_path):
         assert_same_tree(snapshot(mnt), want)
     with fuse_mount(image, tmp_path / "fuse") as mnt:
         assert_same_tree(snapshot(mnt), as_squashfuse_shows(want))
+
+
+def test_streaming_a_layer_tar_into_the_writer(tmp_path):
+    """How the layer merge feeds the writer: members in tar order, contents read once from the tar
+    stream, hard links resolved to the node of their target, the tree handed over at the end."""
+    layer = io.BytesIO()
+    with tarfile.open(fileobj=layer, mode="w") as tar:
+        for name, data in [
+            ("usr/bin/tool", random_bytes(200_000, 1)),
+            ("etc/motd", b"hi\n"),
+            ("etc/empty", b""),
+        ]:
+            info = tarfile.TarInfo(name)
+            info.size, info.mode, info.uid, info.gid, info.mtime = len(data), 0o755, 0, 0, 1_700_000_000
+            tar.addfile(info, io.BytesIO(data))
+        link = tarfile.TarInfo("usr/bin/tool-again")
+        link.type, link.linkname, link.mtime = tarfile.LNKTYPE, "usr/bin/tool", 1_700_000_000
+        tar.addfile(link)
+        sym = tarfile.TarInfo("usr/bin/alias")
+        sym.type, sym.linkname, sym.mtime = tarfile.SYMTYPE, "tool", 1_700_000_000
+        tar.addfile(sym)
+    layer.seek(0)
+    image = tmp_path / "layer.sqfs"
+    root = Dir()
+    by_path: dict[str, Node] = {}
+    with (
+        open(image, "w+b") as out,
+        SquashfsWriter(out) as writer,
+        tarfile.open(fileobj=layer, mode="r|") as tar,
+    ):
+        for member in tar:
+            *parents, name = member.name.split("/")
+            parent = root
+            for part in parents:
+                parent = parent.entries.setdefault(part, Dir(mtime=1_700_000_000))  # type: ignore[assignment]
+            common = {"mode": member.mode, "uid": member.uid, "gid": member.gid, "mtime": member.mtime}
+            if member.isfile():
+                node: Node = File(data=writer.add_data(tar.extractfile(member), member.size), **common)
+            elif member.islnk():
+                node = by_path[member.linkname]
+            else:
+                node = Symlink(target=member.linkname, **common)
+            parent.entries[name] = by_path[member.name] = node
+        writer.finish(root)
+    with kernel_mount(image, tmp_path / "mnt") as mnt:
+        assert (mnt / "usr/bin/tool-again").read_bytes() == random_bytes(200_000, 1)
+        assert os.stat(mnt / "usr/bin/tool").st_nlink == 2
+        assert os.readlink(mnt / "usr/bin/alias") == "tool"
+        assert (mnt / "etc/motd").read_bytes() == b"hi\n"
+        assert sorted(os.listdir(mnt / "etc")) == ["empty", "motd"]
 
 
 # --- details of the format --------------------------------------------------------------------

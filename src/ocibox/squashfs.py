@@ -524,6 +524,8 @@ class _Tables:
         block, offset = self.dirs.ref()
         size, index = self._write_listing(items, numbers)
         xattr = self._xattr(node.xattrs)
+        if len(index) > 0xFFFF:
+            raise SquashfsError(f"squashfs: directory with {len(items)} entries is too large")
         if index or xattr != NO_INDEX or size > 0xFFFF:
             body = struct.pack("<IIIIHHI", nlink, size, block, parent, len(index), offset, xattr)
             self.inodes.write(self._header(T_DIR + EXTENDED, node, number) + body + b"".join(index))
@@ -609,9 +611,11 @@ class _Tables:
 def _split_xattr_name(name: bytes) -> tuple[int, bytes]:
     """The namespace id and the rest of an xattr name."""
     for prefix, kind in XATTR_PREFIXES:
-        if name.startswith(prefix) and len(name) > len(prefix):
+        if name.startswith(prefix) and len(prefix) < len(name) <= 255:
             return kind, name[len(prefix) :]
     shown = name.decode(errors="replace")
+    if len(name) > 255:
+        raise SquashfsError(f"squashfs: xattr name longer than 255 bytes: {shown[:40]!r}...")
     raise SquashfsError(f"squashfs: xattr {shown!r} is not in the user., trusted. or security. namespace")
 
 
