@@ -692,7 +692,8 @@ def test_gzip_and_small_blocks(tmp_path):
     """Other block sizes and the gzip compressor: more blocks per file, the same contents."""
     image = tmp_path / "gzip.sqfs"
     contents = {f"f{i}": text_bytes(i * 3001, i) + random_bytes(i * 1000, i) for i in range(12)}
-    with open(image, "w+b") as out, SquashfsWriter(out, compression="gzip", block_size=4096) as writer:
+    options = {"compression": "gzip", "block_size": 4096, "dedupe": False, "exportable": False}
+    with open(image, "w+b") as out, SquashfsWriter(out, **options) as writer:
         root = Dir()
         for name, data in contents.items():
             root.entries[name] = File(data=writer.add_data(io.BytesIO(data), len(data)))
@@ -701,6 +702,37 @@ def test_gzip_and_small_blocks(tmp_path):
     assert b"Compression gzip" in stats and b"Block size 4096" in stats
     dest = unsquashfs_extract(image, tmp_path / "out")
     assert {p.name: p.read_bytes() for p in dest.iterdir()} == contents
+
+
+class Zeros(io.RawIOBase):
+    """A stream of `size` zero bytes that costs no memory."""
+
+    def __init__(self, size: int) -> None:
+        self.left = size
+        self.chunk = bytes(BLOCK)
+
+    def read(self, n: int = -1) -> bytes:
+        n = min(n, self.left, BLOCK)
+        self.left -= n
+        return self.chunk if n == BLOCK else bytes(n)
+
+
+def test_a_file_larger_than_4_gib(tmp_path):
+    """Sizes past 32 bits go into extended inodes (here a sparse file: only its tail is stored)."""
+    size = 5 * 1024**3
+    image = tmp_path / "big.sqfs"
+    with open(image, "w+b") as out, SquashfsWriter(out, dedupe=False, exportable=False) as writer:
+        zeros = writer.add_data(Zeros(size), size)
+        tail = writer.add_data(io.BytesIO(b"end"), 3)
+        writer.finish(Dir(entries={"zeros": File(data=zeros), "tail": File(data=tail)}))
+    assert image.stat().st_size < 1024 * 1024
+    assert unsquashfs_listing(image)["zeros"][3] == str(size)
+    with kernel_mount(image, tmp_path / "mnt") as mnt:
+        assert os.stat(mnt / "zeros").st_size == size
+        with open(mnt / "zeros", "rb") as f:
+            f.seek(size - 10)
+            assert f.read() == bytes(10)
+        assert (mnt / "tail").read_bytes() == b"end"
 
 
 def test_hard_links_far_apart_in_inode_numbers(tmp_path):
