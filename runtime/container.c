@@ -4,6 +4,7 @@
 #include "ocibox.h"
 
 #include <errno.h>
+#include <grp.h>
 #include <net/if.h>
 #include <sched.h>
 #include <signal.h>
@@ -60,6 +61,13 @@ _Noreturn void container_main(const struct config *cfg, const struct rootfs_opts
     if (n != 1)
         _exit(EXIT_RUNTIME); /* the caller failed and said why */
     bool setgroups_denied = go == 'D';
+    if (opts->userns) {
+        /* become the namespace's root: as real root mapped elsewhere, our ids are still unmapped */
+        if (!setgroups_denied && setgroups(0, NULL) < 0)
+            die("userns", "setgroups");
+        if (setresgid(0, 0, 0) < 0 || setresuid(0, 0, 0) < 0)
+            die("userns", "container root (uid 0) is not mapped");
+    }
 
     if ((cfg->clone_flags & CLONE_NEWCGROUP) && unshare(CLONE_NEWCGROUP) < 0)
         die("cgroup namespace", NULL);

@@ -18,9 +18,38 @@
 
 extern char **environ;
 
+/* HOME from the container's /etc/passwd when the config's env has none, as runc and Docker do. */
+static const char *const *env_with_home(const struct config *cfg)
+{
+    size_t n = 0;
+    for (; cfg->env[n]; n++)
+        if (strncmp(cfg->env[n], "HOME=", 5) == 0)
+            return cfg->env;
+    const char *home = "/";
+    char line[1024];
+    FILE *f = fopen("/etc/passwd", "re");
+    while (f && fgets(line, sizeof line, f)) {
+        char *fields[7] = {0}, *rest = line;
+        line[strcspn(line, "\n")] = '\0';
+        for (int i = 0; i < 7 && rest; i++)
+            fields[i] = strsep(&rest, ":");
+        if (fields[2] && fields[5] && strtoul(fields[2], NULL, 10) == cfg->uid && fields[5][0] == '/') {
+            home = xasprintf("%s", fields[5]);
+            break;
+        }
+    }
+    if (f)
+        fclose(f);
+    const char **env = xcalloc(n + 2, sizeof *env);
+    memcpy(env, cfg->env, n * sizeof *env);
+    env[n] = xasprintf("HOME=%s", home);
+    return env;
+}
+
 /* The container process: user, capabilities, no_new_privs, seccomp, working directory, exec. */
 static _Noreturn void process_exec(const struct config *cfg, bool setgroups_denied, int errfd)
 {
+    const char *const *env = env_with_home(cfg);
     if (cfg->has_oom_score_adj) {
         char *v = xasprintf("%d", cfg->oom_score_adj);
         write_file("oom_score_adj", "/proc/self/oom_score_adj", v);
@@ -48,7 +77,7 @@ static _Noreturn void process_exec(const struct config *cfg, bool setgroups_deni
     if (cfg->no_new_privs && prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) < 0)
         die("no_new_privs", NULL);
     seccomp_apply(cfg);
-    environ = (char **)cfg->env;
+    environ = (char **)env;
     execvp(cfg->args[0], (char *const *)cfg->args);
     int e = errno;
     if (write(errfd, &e, sizeof e) != sizeof e)

@@ -122,6 +122,13 @@ void userns_map(pid_t pid, const struct config *cfg, bool rootless, struct idmap
     if (!rootless) {
         static const struct idmap identity = {0, 0, 4294967295UL};
         write_map(pid, "uid_map", cfg->nuidmaps ? cfg->uidmaps : &identity, cfg->nuidmaps ? cfg->nuidmaps : 1);
+        if (cfg->ngidmaps == 1 && cfg->gidmaps[0].count == 1) {
+            /* one group only: there is nothing setgroups(2) could do but drop host groups */
+            char *path = xasprintf("/proc/%d/setgroups", pid);
+            write_file("userns", path, "deny");
+            free(path);
+            out->setgroups_denied = true;
+        }
         write_map(pid, "gid_map", cfg->ngidmaps ? cfg->gidmaps : &identity, cfg->ngidmaps ? cfg->ngidmaps : 1);
         return;
     }

@@ -1,0 +1,498 @@
+"""ocibox-runtime on its own: a bundle (busybox rootfs + config.json) started as root and rootless.
+
+A user runs `ocibox-runtime run --bundle DIR` and sees the container's process with the config's
+environment, user, hostname, capabilities and limits, isolated from the host, with its exit status.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import pty
+import re
+import shutil
+import signal
+import struct
+import subprocess
+import tempfile
+import termios
+import time
+from pathlib import Path
+
+import pytest
+
+from runtime_support import (
+    DOCKER_CAPEFF,
+    RUNTIME,
+    TEST_USER,
+    Bundle,
+    as_user_argv,
+    base_config,
+    compile_static,
+    make_rootfs,
+    run_runtime,
+    subid_start,
+    user_ids,
+    world_readable,
+)
+
+USERS = ["root", TEST_USER]
+CHTEST = Path("/usr/share/doc/charliecloud/examples/chtest")
+
+MEMHOG = r"""
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+int main(void) {
+    for (int i = 0; i < 64; i++) {
+        char *p = malloc(1 << 20);
+        if (!p) { puts("malloc failed"); return 1; }
+        memset(p, 1, 1 << 20);
+    }
+    puts("allocated 64 MB");
+    return 0;
+}
+"""
+
+EUID = r"""
+#include <stdio.h>
+#include <unistd.h>
+int main(void) { printf("euid=%u\n", (unsigned)geteuid()); return 0; }
+"""
+
+
+@pytest.fixture(scope="session")
+def runtime_binary() -> Path:
+    subprocess.run(["make", "-s", "-C", str(RUNTIME.parent)], check=True, capture_output=True)
+    return RUNTIME
+
+
+@pytest.fixture(scope="session")
+def base_dir(runtime_binary):
+    """A world-readable folder for images and bundles, so the test user can use them too."""
+    d = Path(tempfile.mkdtemp(prefix="ocibox-rt-", dir="/tmp"))
+    d.chmod(0o755)
+    world_readable(runtime_binary)
+    yield d
+    shutil.rmtree(d, ignore_errors=True)
+
+
+def build_image(root: Path, owner: tuple[int, int] | None) -> Path:
+    """The image's rootfs as an unpacker would leave it: files of the owner (root, or the rootless
+    user), plus files of uid 1000 (host 1000 as root, host subuid+999 for the rootless user)."""
+    make_rootfs(root)
+    compile_static(MEMHOG, root / "bin" / "memhog")
+    compile_static(EUID, root / "bin" / "euid")
+    (root / "data.txt").write_text("image data\n")
+    (root / "not-executable").write_text("#!/bin/sh\necho no\n")
+    if CHTEST.is_dir():
+        for probe in ("chroot-escape", "mknods", "setgroups", "setuid"):
+            compile_static((CHTEST / f"{probe}.c").read_text(), root / "bin" / f"ch-{probe}")
+    if owner:
+        for p in [root, *root.rglob("*")]:
+            os.lchown(p, *owner)
+    shutil.copy2(root / "bin" / "euid", root / "bin" / "euid-setuid")
+    os.chown(root / "bin" / "euid-setuid", 0, 0)  # owned by the host's root: unmapped when rootless
+    os.chmod(root / "bin" / "euid-setuid", 0o4755)
+    owned = root / "home" / "app" / "owned"
+    owned.write_text("mine\n")
+    os.chown(owned, 1000, 1000)
+    start = subid_start()
+    if start is not None:
+        sub_owned = root / "home" / "app" / "owned-sub"
+        sub_owned.write_text("mine\n")
+        os.chown(sub_owned, start + 999, start + 999)
+    world_readable(root)
+    return root
+
+
+@pytest.fixture(scope="session")
+def images(base_dir) -> dict[str, Path]:
+    """user -> the image's rootfs for that user (the runtime never writes into it)."""
+    return {"root": build_image(base_dir / "image-root", None),
+            TEST_USER: build_image(base_dir / "image-user", user_ids())}  # fmt: skip
+
+
+@pytest.fixture
+def bundle(base_dir, images, request):
+    """A fresh bundle folder whose config points at the shared image of the test's user."""
+    d = Path(tempfile.mkdtemp(prefix="bundle-", dir=base_dir))
+    d.chmod(0o755)
+    user = request.node.callspec.params.get("user", "root") if hasattr(request.node, "callspec") else "root"
+
+    def make(args: list[str], **process) -> Bundle:
+        cfg = base_config(args, **process)
+        cfg["root"]["path"] = str(images[user])
+        return Bundle(d, cfg).write()
+
+    yield make
+    shutil.rmtree(d, ignore_errors=True)
+
+
+def sh(script: str) -> list[str]:
+    return ["sh", "-c", script]
+
+
+def owned_dir(base: Path, user: str) -> Path:
+    d = Path(tempfile.mkdtemp(prefix="vol-", dir=base))
+    d.chmod(0o755)
+    if user != "root":
+        uid, gid = user_ids()
+        os.chown(d, uid, gid)
+    return d
+
+
+@pytest.mark.parametrize("user", USERS)
+def test_exit_status_passes_through(bundle, user):
+    assert run_runtime(bundle(sh("exit 7")), user).returncode == 7
+    assert run_runtime(bundle(["true"]), user).returncode == 0
+
+
+@pytest.mark.parametrize("user", USERS)
+def test_death_by_signal_is_128_plus_n(bundle, user):
+    assert run_runtime(bundle(sh("kill -TERM $$")), user).returncode == 128 + signal.SIGTERM
+    assert run_runtime(bundle(sh("kill -KILL $$")), user).returncode == 128 + signal.SIGKILL
+
+
+@pytest.mark.parametrize("user", USERS)
+def test_env_cwd_user_and_hostname(bundle, user):
+    b = bundle(
+        sh('echo "$GREETING"; pwd; id -u; id -g; id -G; hostname'),
+        env=["PATH=/bin", "GREETING=hello there"],
+        cwd="/work/dir",
+        user={"uid": 1000, "gid": 1000, "additionalGids": [2000]},
+    )
+    r = run_runtime(b, user)
+    assert r.returncode == 0, r.stderr
+    greeting, cwd, uid, gid, groups, hostname = r.stdout.splitlines()
+    assert (greeting, cwd, uid, gid, hostname) == ("hello there", "/work/dir", "1000", "1000", "box")
+    assert groups.split() == ["1000", "2000"]
+
+
+@pytest.mark.parametrize("user", USERS)
+def test_container_root_and_image_owners(bundle, user):
+    r = run_runtime(bundle(sh("id -u; stat -c %u /home/app/owned /home/app/owned-sub")), user)
+    assert r.returncode == 0, r.stderr
+    uid, owned, owned_sub = r.stdout.split()
+    assert uid == "0"
+    if user == "root":
+        assert owned == "1000"
+    else:  # the image's uid 1000 is subuid+999 on the host; host uid 1000 is unmapped
+        assert (owned_sub, owned) == ("1000", "65534")
+
+
+def test_single_mapping_shows_other_owners_as_nobody(bundle):
+    uid, gid = user_ids()
+    b = bundle(sh("id -u; stat -c %u /home/app/owned-sub /bin/busybox"))
+    b.config["linux"]["uidMappings"] = [{"containerID": 0, "hostID": uid, "size": 1}]
+    b.config["linux"]["gidMappings"] = [{"containerID": 0, "hostID": gid, "size": 1}]
+    b.write()
+    r = run_runtime(b, TEST_USER)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split() == ["0", "65534", "65534"]
+
+
+@pytest.mark.parametrize("user", USERS)
+def test_writes_go_to_the_upper_dir_not_the_image(bundle, base_dir, images, user):
+    image = images[user]
+    upper = owned_dir(base_dir, user)
+    script = "echo new > /created; echo changed > /data.txt; rm /bin/cat; /bin/cat /created"
+    r = run_runtime(bundle(sh(script)), user, "--upper", str(upper))
+    assert r.returncode == 127  # cat was removed (in this container only)
+    assert not (image / "created").exists()
+    assert (image / "data.txt").read_text() == "image data\n"
+    assert (image / "bin" / "cat").is_symlink()
+    assert (upper / "upper" / "created").read_text() == "new\n"
+    # a second container of the same image sees it unchanged
+    r = run_runtime(bundle(sh("cat /data.txt; ls /created")), user)
+    assert r.stdout.startswith("image data\n") and r.returncode == 1
+    # the same upper dir again: the container's own changes persist
+    r = run_runtime(bundle(sh("cat /created /data.txt")), user, "--upper", str(upper))
+    assert r.stdout == "new\nchanged\n", r.stderr
+
+
+@pytest.mark.parametrize("user", USERS)
+def test_read_only_root(bundle, user):
+    b = bundle(sh("touch /x 2>&1; echo ok > /tmp/x && cat /tmp/x"))
+    b.config["root"]["readonly"] = True
+    b.config["mounts"].append(
+        {"destination": "/tmp", "type": "tmpfs", "source": "tmpfs", "options": ["nosuid"]}
+    )
+    b.write()
+    r = run_runtime(b, user)
+    assert "Read-only file system" in r.stdout
+    assert r.stdout.endswith("ok\n")
+
+
+@pytest.mark.parametrize("user", USERS)
+def test_proc_shows_only_the_containers_processes(bundle, user):
+    r = run_runtime(bundle(sh("ls /proc | grep -E '^[0-9]+$' | sort -n | tr '\\n' ' '")), user)
+    assert r.returncode == 0, r.stderr
+    pids = [int(p) for p in r.stdout.split()]  # init, sh, ls, grep, sort, tr
+    assert pids == list(range(1, len(pids) + 1)) and len(pids) <= 7
+
+
+@pytest.mark.parametrize("user", USERS)
+def test_capabilities_and_no_new_privs_follow_the_config(bundle, user):
+    r = run_runtime(bundle(sh("grep -E '^(CapEff|CapBnd|NoNewPrivs)' /proc/self/status")), user)
+    assert r.returncode == 0, r.stderr
+    status = dict(line.split(":\t") for line in r.stdout.splitlines())
+    assert status == {"CapEff": DOCKER_CAPEFF, "CapBnd": DOCKER_CAPEFF, "NoNewPrivs": "1"}
+    b = bundle(
+        sh("grep -E '^(CapEff|NoNewPrivs)' /proc/self/status"),
+        capabilities={"bounding": ["CAP_KILL"], "effective": ["CAP_KILL"], "permitted": ["CAP_KILL"]},
+        noNewPrivileges=False,
+    )
+    assert run_runtime(b, user).stdout == "CapEff:\t0000000000000020\nNoNewPrivs:\t0\n"
+    b = bundle(sh("grep -E '^CapEff' /proc/self/status"), user={"uid": 1000, "gid": 1000})
+    assert run_runtime(b, user).stdout == "CapEff:\t0000000000000000\n"
+
+
+@pytest.mark.parametrize("user", USERS)
+def test_a_setuid_binary_gains_nothing(bundle, user):
+    b = bundle(["/bin/euid-setuid"], user={"uid": 1000, "gid": 1000})
+    r = run_runtime(b, user)
+    assert r.stdout == "euid=1000\n", r.stderr
+
+
+@pytest.mark.parametrize("user", USERS)
+def test_rlimits(bundle, user):
+    b = bundle(
+        sh("ulimit -n; ulimit -Hn; ulimit -c"),
+        rlimits=[
+            {"type": "RLIMIT_NOFILE", "soft": 123, "hard": 456},
+            {"type": "RLIMIT_CORE", "soft": 0, "hard": 0},
+        ],
+    )
+    assert run_runtime(b, user).stdout == "123\n456\n0\n"
+
+
+@pytest.mark.parametrize("user", USERS)
+def test_volumes_read_write_read_only_and_files(bundle, base_dir, user):
+    rw, ro = owned_dir(base_dir, user), owned_dir(base_dir, user)
+    (ro / "in.txt").write_text("from host\n")
+    (ro / "in.txt").chmod(0o644)
+    hosts = owned_dir(base_dir, user) / "hosts"
+    hosts.write_text("127.0.0.1 localhost box\n")
+    hosts.chmod(0o644)
+    b = bundle(
+        sh(
+            "echo out > /rw/out.txt; cat /ro/in.txt; echo x > /ro/no 2>/dev/null || echo refused; cat /etc/hosts"
+        )
+    )
+    b.config["mounts"] += [
+        {"destination": "/rw", "type": "bind", "source": str(rw), "options": ["rbind", "rw"]},
+        {"destination": "/ro", "type": "bind", "source": str(ro), "options": ["rbind", "ro"]},
+        {"destination": "/etc/hosts", "type": "bind", "source": str(hosts), "options": ["rbind", "ro"]},
+    ]
+    b.write()
+    r = run_runtime(b, user)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == "from host\nrefused\n127.0.0.1 localhost box\n"
+    assert (rw / "out.txt").read_text() == "out\n"
+    assert not (ro / "no").exists()
+
+
+@pytest.mark.parametrize("user", USERS)
+def test_tmpfs_mount(bundle, user):
+    b = bundle(sh("echo x > /scratch/f && grep ' /scratch ' /proc/mounts"))
+    b.config["mounts"].append(
+        {"destination": "/scratch", "type": "tmpfs", "source": "tmpfs", "options": ["nosuid", "size=1m"]}
+    )
+    b.write()
+    r = run_runtime(b, user)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.startswith("tmpfs /scratch tmpfs rw,nosuid")
+
+
+@pytest.mark.parametrize("user", USERS)
+def test_command_not_found_and_not_executable(bundle, user):
+    r = run_runtime(bundle(["/no/such/program"]), user)
+    assert r.returncode == 127
+    assert r.stderr == "ocibox-runtime: exec: /no/such/program: No such file or directory\n"
+    r = run_runtime(bundle(["/not-executable"]), user)
+    assert r.returncode == 126
+    assert r.stderr == "ocibox-runtime: exec: /not-executable: Permission denied\n"
+
+
+@pytest.mark.parametrize("user", USERS)
+def test_a_failing_step_names_the_step_and_path(bundle, user):
+    b = bundle(["true"])
+    b.config["mounts"].append(
+        {"destination": "/v", "type": "bind", "source": "/no/such/dir", "options": ["rbind"]}
+    )
+    b.write()
+    r = run_runtime(b, user)
+    assert r.returncode == 125
+    assert r.stderr == "ocibox-runtime: mount: /no/such/dir: No such file or directory\n"
+
+
+def test_bad_config_is_one_line(bundle):
+    b = bundle(["true"])
+    (b.dir / "config.json").write_text("{not json")
+    r = run_runtime(b)
+    assert r.returncode == 125
+    assert re.fullmatch(r"ocibox-runtime: config: \S+/config.json: line 1: .*\n", r.stderr)
+
+
+def test_memory_limit_kills_a_process_that_allocates_more(bundle):
+    b = bundle(["/bin/memhog"])
+    assert run_runtime(b).stdout == "allocated 64 MB\n"
+    b.config["linux"]["resources"] = {"memory": {"limit": 32 * 1024 * 1024}}
+    b.write()
+    r = run_runtime(b)
+    assert r.returncode == 128 + signal.SIGKILL, r.stdout + r.stderr
+    assert "allocated" not in r.stdout
+
+
+def test_rootless_memory_limit_fails_and_says_why(bundle):
+    b = bundle(["/bin/memhog"])
+    b.config["linux"]["resources"] = {"memory": {"limit": 32 * 1024 * 1024}}
+    b.write()
+    r = run_runtime(b, TEST_USER)
+    assert r.returncode == 125
+    assert r.stderr.startswith("ocibox-runtime: cgroups: /sys/fs/cgroup/memory/")
+    assert "delegated" in r.stderr and len(r.stderr.splitlines()) == 1
+
+
+def test_pids_limit(bundle):
+    b = bundle(sh("for i in 1 2 3 4 5 6 7 8; do sleep 5 & done 2>&1 | head -1; kill $(jobs -p) 2>/dev/null"))
+    b.config["linux"]["resources"] = {"pids": {"limit": 4}}
+    b.write()
+    r = run_runtime(b)
+    assert "can't fork" in r.stdout or "Resource temporarily unavailable" in r.stdout + r.stderr
+
+
+def host_mount_count() -> int:
+    return len(Path("/proc/self/mountinfo").read_text().splitlines())
+
+
+@pytest.mark.parametrize("user", USERS)
+def test_sigterm_to_the_runtime_stops_the_container_and_leaves_nothing(bundle, base_dir, user):
+    vol = owned_dir(base_dir, user)
+    state = owned_dir(base_dir, user)
+    marker = "31337"
+    b = bundle(sh(f"touch /vol/started; sleep {marker} & sleep {marker}"))
+    b.config["mounts"].append(
+        {"destination": "/vol", "type": "bind", "source": str(vol), "options": ["rbind"]}
+    )
+    b.write()
+    mounts_before = host_mount_count()
+    argv = as_user_argv([str(RUNTIME), "run", "--bundle", str(b.dir), "--state-dir", str(state)], user)
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd="/")
+    for _ in range(500):
+        if (vol / "started").exists():
+            break
+        time.sleep(0.01)
+    assert (vol / "started").exists()
+    assert json.loads((state / "state.json").read_text())["status"] == "running"
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=10) == 128 + signal.SIGTERM
+    leftovers = subprocess.run(["pgrep", "-f", f"sleep {marker}"], capture_output=True, text=True)
+    assert leftovers.stdout == ""
+    assert host_mount_count() == mounts_before
+    assert list(state.iterdir()) == []
+
+
+@pytest.mark.parametrize("user", USERS)
+def test_terminal_is_a_pty_with_the_callers_window_size(bundle, user):
+    b = bundle(sh("tty; stty size; test -t 0 && echo interactive"), terminal=True)
+    master, slave = pty.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 33, 101, 0, 0))
+    argv = as_user_argv([str(RUNTIME), "run", "--bundle", str(b.dir)], user)
+    proc = subprocess.Popen(argv, stdin=slave, stdout=slave, stderr=slave, cwd="/")
+    os.close(slave)
+    out = b""
+    while True:
+        try:
+            chunk = os.read(master, 4096)
+        except OSError:
+            break
+        if not chunk:
+            break
+        out += chunk
+    os.close(master)
+    assert proc.wait(timeout=10) == 0
+    assert out.decode().replace("\r\n", "\n") == "/dev/pts/0\n33 101\ninteractive\n"
+
+
+@pytest.mark.parametrize("user", USERS)
+def test_seccomp_profile_from_the_config(bundle, user):
+    b = bundle(sh("mkdir /made 2>&1; echo done"))
+    b.config["linux"]["seccomp"] = {
+        "defaultAction": "SCMP_ACT_ALLOW",
+        "architectures": ["SCMP_ARCH_X86_64", "SCMP_ARCH_X86", "SCMP_ARCH_X32"],
+        "syscalls": [{"names": ["mkdir", "mkdirat"], "action": "SCMP_ACT_ERRNO", "errnoRet": 1}],
+    }
+    b.write()
+    r = run_runtime(b, user)
+    assert r.stdout.endswith("Operation not permitted\ndone\n"), r.stdout + r.stderr
+
+
+@pytest.mark.parametrize("user", USERS)
+def test_network_none_has_only_loopback(bundle, user):
+    b = bundle(
+        sh(
+            "ls /sys/class/net 2>/dev/null || ip -o link | cut -d: -f2; ip -o link show lo | grep -c 'LOOPBACK,UP'"
+        )
+    )
+    b.config["linux"]["namespaces"].append({"type": "network"})
+    b.write()
+    r = run_runtime(b, user)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split() == ["lo", "1"]
+
+
+@pytest.mark.skipif(not CHTEST.is_dir(), reason="charliecloud-doc is not installed")
+@pytest.mark.parametrize("user", USERS)
+def test_charliecloud_isolation_probes_are_safe(bundle, images, user):
+    """Charliecloud's chtest probes, in a container with one mapped id (as ch-run runs them)."""
+    host_id = user_ids()
+    b = bundle(sh("ch-chroot-escape; ch-mknods /dev /tmp; ch-setgroups; ch-setuid"))
+    b.config["root"]["path"] = str(images[TEST_USER])
+    b.config["linux"]["namespaces"].append({"type": "user"})
+    b.config["linux"]["uidMappings"] = [{"containerID": 0, "hostID": host_id[0], "size": 1}]
+    b.config["linux"]["gidMappings"] = [{"containerID": 0, "hostID": host_id[1], "size": 1}]
+    b.write()
+    r = run_runtime(b, user)
+    verdicts = [line.split("\t")[0] for line in r.stdout.splitlines()]
+    assert verdicts == ["SAFE"] * 4, r.stdout + r.stderr
+
+
+# ---- parity with runc (root only: runc is the reference) ----
+
+PROBE = (
+    "id; env | sort; pwd; hostname; grep -E '^(CapEff|CapPrm|CapBnd|NoNewPrivs)' /proc/self/status; "
+    "ulimit -n; ulimit -Hn; cut -d' ' -f5 /proc/self/mountinfo | sort"
+)
+
+
+def run_runc(b: Bundle) -> subprocess.CompletedProcess:
+    cid = f"ocibox-parity-{os.getpid()}-{time.monotonic_ns()}"
+    try:
+        return subprocess.run(["runc", "run", "--bundle", str(b.dir), cid], capture_output=True, text=True,
+                              timeout=60, stdin=subprocess.DEVNULL)  # fmt: skip
+    finally:
+        subprocess.run(["runc", "delete", "-f", cid], capture_output=True)
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("runc"), reason="needs root and runc")
+@pytest.mark.parametrize(
+    "args, process",
+    [
+        (sh(PROBE), {}),
+        (sh(PROBE), {"user": {"uid": 1000, "gid": 1000, "additionalGids": [2000]}, "cwd": "/home/app"}),
+        (sh(PROBE), {"env": ["PATH=/bin", "A=1", "B=two words"], "noNewPrivileges": False,
+                     "rlimits": [{"type": "RLIMIT_NOFILE", "soft": 77, "hard": 88}]}),
+        (sh("exit 42"), {}),
+        # under runc the shell is PID 1 and immune to its own signals: compare a child's death
+        (sh("sh -c 'kill -KILL $$'; echo $?; sh -c 'kill -TERM $$'; echo $?"), {}),
+    ],
+)  # fmt: skip
+def test_same_as_runc(bundle, args, process):
+    b = bundle(args, **process)
+    b.config["root"]["readonly"] = True  # runc writes into the rootfs otherwise
+    b.write()
+    ours, theirs = run_runtime(b), run_runc(b)
+    assert (ours.returncode, ours.stdout) == (theirs.returncode, theirs.stdout), ours.stderr + theirs.stderr
