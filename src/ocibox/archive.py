@@ -20,7 +20,7 @@ import os
 import tarfile
 import tempfile
 from pathlib import Path
-from typing import BinaryIO
+from typing import BinaryIO, Protocol
 
 from ocibox import reference
 from ocibox.errors import IntegrityError, NotFound
@@ -64,8 +64,23 @@ def open_layer(fileobj: BinaryIO) -> BinaryIO:
 # --- save --------------------------------------------------------------------------------------
 
 
+class BlobSource(Protocol):
+    """Where `write_archive` reads blobs from: the Store, or a build's new blobs over it."""
+
+    tmp_dir: Path
+
+    def blob_path(self, digest: str) -> Path: ...
+
+    def open_blob(self, digest: str) -> BinaryIO: ...
+
+
 def save(store: Store, refs: list[str], output: str, fmt: str = "oci-archive") -> None:
-    images = [store.load_image(ref) for ref in refs]
+    write_archive(store, [store.load_image(ref) for ref in refs], output, fmt)
+
+
+def write_archive(store: BlobSource, images: list[Image], output: str, fmt: str = "oci-archive") -> None:
+    """Write `images` (their blobs read from `store`) to the archive file `output`, atomically.
+    An image with an empty name is written without a name (no annotation, no RepoTags)."""
     out = Path(output)
     fd, tmp = tempfile.mkstemp(dir=out.parent if str(out.parent) else ".", prefix=f".{out.name}.")
     try:
@@ -96,7 +111,7 @@ def _add_file(tar: tarfile.TarFile, name: str, path: Path) -> None:
         tar.addfile(info, f)
 
 
-def _save_oci(store: Store, images: list[Image], tar: tarfile.TarFile) -> None:
+def _save_oci(store: BlobSource, images: list[Image], tar: tarfile.TarFile) -> None:
     _add_bytes(tar, "oci-layout", json.dumps({"imageLayoutVersion": "1.0.0"}).encode())
     written: set[str] = set()
     manifests = []
@@ -108,10 +123,12 @@ def _save_oci(store: Store, images: list[Image], tar: tarfile.TarFile) -> None:
         if image.manifest_digest not in written:
             _add_bytes(tar, f"blobs/sha256/{digest_hex(image.manifest_digest)}", image.manifest.raw)
             written.add(image.manifest_digest)
-        ref = reference.parse(image.name)
-        annotations = {CONTAINERD_NAME: str(ref)}
-        if ref.tag:
-            annotations[REF_NAME] = ref.tag
+        annotations = {}
+        if image.name:
+            ref = reference.parse(image.name)
+            annotations[CONTAINERD_NAME] = str(ref)
+            if ref.tag:
+                annotations[REF_NAME] = ref.tag
         manifests.append(
             Descriptor(
                 image.manifest.media_type,
@@ -125,7 +142,7 @@ def _save_oci(store: Store, images: list[Image], tar: tarfile.TarFile) -> None:
     _add_bytes(tar, "index.json", json.dumps(index, indent=2).encode())
 
 
-def _save_docker(store: Store, images: list[Image], tar: tarfile.TarFile) -> None:
+def _save_docker(store: BlobSource, images: list[Image], tar: tarfile.TarFile) -> None:
     entries = []
     written: set[str] = set()
     repositories: dict[str, dict[str, str]] = {}
@@ -156,9 +173,9 @@ def _save_docker(store: Store, images: list[Image], tar: tarfile.TarFile) -> Non
                 plain.seek(0)
                 tar.addfile(info, plain)
             written.add(name)
-        ref = reference.parse(image.name)
-        tags = [ref.familiar] if ref.tag and not ref.digest else []
-        if ref.tag:
+        ref = reference.parse(image.name) if image.name else None
+        tags = [ref.familiar] if ref and ref.tag and not ref.digest else []
+        if ref and ref.tag:
             top = digest_hex(diff_ids[-1]) if diff_ids else ""
             repositories.setdefault(ref.familiar.rsplit(":", 1)[0], {})[ref.tag] = top
         entries.append({"Config": config_name, "RepoTags": tags, "Layers": layer_names})

@@ -285,6 +285,49 @@ def cmd_logout(args: argparse.Namespace) -> int:
     return 0
 
 
+# --- build, tag ----------------------------------------------------------------------------------
+
+
+def _warn(message: str) -> None:
+    sys.stderr.write(f"ocibox: warning: {message}\n")
+
+
+def _say(message: str) -> None:
+    sys.stderr.write(message + "\n")
+
+
+def cmd_build(args: argparse.Namespace) -> int:
+    from ocibox.build import BuildOptions, build
+
+    options = BuildOptions(
+        program=args.from_binary, tag=args.tag, output=args.output, format=args.format, base=args.base,
+        os=args.os, arch=args.arch, entrypoint=args.entrypoint, cmd=args.cmd, env=args.env,
+        workdir=args.workdir, user=args.user, labels=args.label, expose=args.expose, add=args.add,
+        add_certs=args.add_certs, add_passwd=args.add_passwd,
+        source_date_epoch=os.environ.get("SOURCE_DATE_EPOCH"),
+    )
+    result = build(options, _store(), warn=_warn, say=_say)
+    _out(result.image.manifest_digest)
+    return 0
+
+
+def cmd_tag(args: argparse.Namespace) -> int:
+    from ocibox import reference
+    from ocibox.image import Descriptor
+
+    store = _store()
+    name, digest = store.find(args.source)
+    target = reference.parse(args.target)
+    if target.digest:
+        raise OciboxError(f"invalid tag {args.target!r}: a tag can't contain a digest")
+    manifest = store.manifest(digest)
+    descriptor = store.lookup(name) or Descriptor(manifest.media_type, digest, len(manifest.raw))
+    if descriptor.digest != digest:
+        descriptor = Descriptor(manifest.media_type, digest, len(manifest.raw))
+    store.tag(str(target), descriptor)
+    return 0
+
+
 # --- parser ------------------------------------------------------------------------------------
 
 
@@ -322,6 +365,33 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_load)
 
     # Commands of other stages register below this line.
+
+    p = sub.add_parser("build", help="build an image from a binary, FROM scratch or onto a base image")
+    p.add_argument("--from-binary", required=True, metavar="PROG", help="the program: it becomes /PROG")
+    p.add_argument("-t", "--tag", metavar="REF", help="put the image in the store under this name")
+    p.add_argument("-o", "--output", metavar="FILE",
+                   help="write an archive (default without --tag: PROG.tar, as zeroimage)")
+    p.add_argument("--format", choices=["oci-archive", "docker-archive"], default="oci-archive")
+    p.add_argument("--base", metavar="IMAGE", help="append one layer to this image (default: scratch)")
+    p.add_argument("--os", default="linux")
+    p.add_argument("--arch", help="amd64, arm64, arm/v7, … (default: from PROG's ELF header)")
+    p.add_argument("--entrypoint", metavar="CMD", help='JSON array or words (default: ["/PROG"])')
+    p.add_argument("--cmd", metavar="CMD", help="JSON array or words")
+    p.add_argument("-e", "--env", action="append", default=[], metavar="K=V")
+    p.add_argument("-w", "--workdir", metavar="DIR")
+    p.add_argument("-u", "--user", metavar="USER[:GROUP]")
+    p.add_argument("-l", "--label", action="append", default=[], metavar="K=V")
+    p.add_argument("--expose", action="append", default=[], metavar="PORT[/PROTO]")
+    p.add_argument("--add", action="append", default=[], metavar="SRC:DEST",
+                   help="copy a file or folder into the layer (repeatable)")
+    p.add_argument("--add-certs", action="store_true", help="add the host's CA bundle")
+    p.add_argument("--add-passwd", action="store_true", help="add /etc/passwd and /etc/group (root, nobody)")
+    p.set_defaults(func=cmd_build)
+
+    p = sub.add_parser("tag", help="give a stored image another name")
+    p.add_argument("source", metavar="SOURCE")
+    p.add_argument("target", metavar="TARGET")
+    p.set_defaults(func=cmd_tag)
 
     p = sub.add_parser("pull", help="fetch an image from a registry into the store")
     p.add_argument("image", metavar="REF")
