@@ -11,7 +11,6 @@ from __future__ import annotations
 import errno
 import threading
 from collections.abc import Callable
-from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 
 from ocibox.errors import IntegrityError, NotFound, OciboxError, StoreError
@@ -47,18 +46,18 @@ class PullResult:
 
 def registry_client(ref: Reference, insecure: bool = False):
     """A client for the reference's registry, with the user's stored credentials."""
-    from ocibox.registry import credentials
     from ocibox.registry.client import RegistryClient, Transport, insecure_hosts_from_env
+
+    def credential():
+        # Read only when the registry asks: an open registry never costs the files or helpers.
+        from ocibox.registry import credentials
+
+        return credentials.lookup(ref.registry, ref.repository)
 
     hosts = set(insecure_hosts_from_env())
     if insecure:
         hosts |= {ref.registry, ref.api_host}
-    return RegistryClient(
-        ref.registry,
-        ref.api_host,
-        credential=lambda: credentials.lookup(ref.registry, ref.repository),
-        transport=Transport(hosts),
-    )
+    return RegistryClient(ref.registry, ref.api_host, credential=credential, transport=Transport(hosts))
 
 
 def pull(
@@ -181,30 +180,53 @@ def _fetch_blobs(
     def fetch(desc: Descriptor) -> int | None:
         return _fetch_one(client, store, repository, desc, tasks[desc.digest], progress, cancel)
 
-    results: list[int | None] = []
     missing = [d for d in blobs if not store.has_blob(d.digest)]
     for desc in blobs:
         if desc not in missing:
             tasks[desc.digest].finish("Already exists")
-    if missing:
-        pool = ThreadPoolExecutor(max_workers=max(1, min(jobs, len(missing))), thread_name_prefix="pull")
-        futures = [pool.submit(fetch, d) for d in missing]
-        try:
-            done, _ = wait(futures, return_when=FIRST_EXCEPTION)
-            failed = [f for f in done if f.exception() is not None]
-            if failed:
-                cancel.set()
-                wait(futures)
-                raise _first_error([f.exception() for f in futures if f.exception() is not None])
-        except BaseException:
-            cancel.set()
-            pool.shutdown(wait=True, cancel_futures=True)
-            raise
-        finally:
-            pool.shutdown(wait=True)
-        results = [f.result() for f in futures]
+    results = _in_parallel([lambda d=d: fetch(d) for d in missing], jobs, cancel)
     progress.close()
     return results + [None] * (len(blobs) - len(missing))
+
+
+def _in_parallel(jobs: list[Callable[[], int | None]], workers: int, cancel: threading.Event) -> list:
+    """Run `jobs` on up to `workers` threads; the first failure (or Ctrl-C) sets `cancel`, the
+    others stop at their next chunk, and that failure is raised once every thread has ended.
+    (Plain threads: concurrent.futures would import logging and more on every pull.)"""
+    results: list = [None] * len(jobs)
+    errors: list[BaseException] = []
+    order = iter(range(len(jobs)))
+    lock = threading.Lock()
+
+    def worker() -> None:
+        while not cancel.is_set():
+            with lock:
+                index = next(order, None)
+            if index is None:
+                return
+            try:
+                results[index] = jobs[index]()
+            except BaseException as exc:  # noqa: BLE001 - handed to the main thread
+                errors.append(exc)
+                cancel.set()
+                return
+
+    threads = [
+        threading.Thread(target=worker, name="pull", daemon=True) for _ in range(min(workers, len(jobs)))
+    ]
+    for thread in threads:
+        thread.start()
+    try:
+        for thread in threads:
+            thread.join()
+    except BaseException:
+        cancel.set()
+        for thread in threads:
+            thread.join()
+        raise
+    if errors:
+        raise _first_error(errors)
+    return results
 
 
 def _first_error(errors: list[BaseException]) -> BaseException:

@@ -15,12 +15,14 @@ import json
 import re
 import threading
 import time
-import urllib.parse
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from ocibox.errors import AuthError, RegistryError
-from ocibox.registry.credentials import Credential
+
+if TYPE_CHECKING:
+    from ocibox.registry.credentials import Credential
 
 _TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 _TOKEN68 = re.compile(r"[A-Za-z0-9\-._~+/]+=*(?=\s*(?:,|$))")
@@ -187,6 +189,8 @@ class Authenticator:
         return "Basic " + base64.b64encode(raw).decode()
 
     def _fetch_token(self, challenge: Challenge, scope: str) -> Token:
+        import urllib.parse
+
         realm = challenge.params.get("realm")
         if not realm:
             raise AuthError(f"{self.registry} sent a bearer challenge without a realm")

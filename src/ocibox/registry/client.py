@@ -1,32 +1,38 @@
-"""A distribution-spec (v2) client over the standard library's http.client.
+"""A distribution-spec (v2) client: authentication, manifests, blobs.
 
-`Transport` keeps one persistent HTTP/1.1 connection per (thread, scheme, host), speaks TLS by
-default and follows redirects, dropping the Authorization header when one leads to another host
-(blob storage). `RegistryClient` adds the registry API on top: authentication, manifests with
-their digests checked, and blobs streamed into a caller's sink with retries and Range resumes.
-It knows nothing of the store: a sink is anything with `offset`, `write(buffer)` and `reset()`.
+Over `transport.Transport` (persistent HTTP/1.1 connections, one per thread, TLS by default,
+redirects without Authorization to other hosts), `RegistryClient` answers auth challenges, checks
+manifest digests, and streams blobs into a caller's sink with retries (5xx, 429 with Retry-After,
+dropped connections) and Range resumes. It knows nothing of the store: a sink is anything with
+`offset`, `write(buffer)` and `reset()`.
 """
 
 from __future__ import annotations
 
-import email.utils
 import hashlib
-import http.client
-import ipaddress
 import json
 import os
 import socket
-import ssl
 import threading
 import time
-import urllib.parse
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from ocibox.errors import AuthError, IntegrityError, NotFound, RegistryError
 from ocibox.registry.auth import Authenticator, scope_for
-from ocibox.registry.credentials import Credential
+from ocibox.registry.transport import (
+    ProtocolError,
+    RedirectError,
+    Response,
+    TooLarge,
+    Transport,
+    Untrusted,
+    is_loopback,
+)
+
+if TYPE_CHECKING:
+    from ocibox.registry.credentials import Credential
 
 MANIFEST_TYPES = (
     "application/vnd.oci.image.index.v1+json",
@@ -40,15 +46,15 @@ MANIFEST_ACCEPT = ", ".join(MANIFEST_TYPES) + f", {SCHEMA1_TYPE};q=0.1"
 MANIFEST_LIMIT = 4 << 20  # the OCI distribution spec's recommended maximum manifest size
 CHUNK = 1 << 20  # read size for blobs: big enough that hashing and writing release the GIL
 ATTEMPTS = 5  # tries per request before a transient failure is reported
-MAX_REDIRECTS = 10
 MAX_RETRY_AFTER = 60.0
-USER_AGENT = "ocibox"
 INSECURE_ENV = "OCIBOX_INSECURE_REGISTRIES"
 
 # What a dropped or refused connection looks like: retried, then reported as the registry's fault.
-TRANSIENT = (OSError, http.client.HTTPException)
+TRANSIENT = (OSError, ProtocolError)
 # What no retry or other scheme will fix.
-_UNREACHABLE = (ConnectionRefusedError, socket.gaierror, TimeoutError, ssl.SSLCertVerificationError)
+_UNREACHABLE = (ConnectionRefusedError, socket.gaierror, TimeoutError, Untrusted)
+
+__all__ = ["RegistryClient", "Transport", "insecure_hosts_from_env", "is_loopback", "Cancelled"]
 
 
 class Cancelled(Exception):
@@ -74,190 +80,9 @@ class BlobSink(Protocol):
     def reset(self) -> None: ...
 
 
-def _hostname(host: str) -> str:
-    """`host:5000` → `host`, `[::1]:5000` → `::1`."""
-    return urllib.parse.urlsplit("//" + host).hostname or host
-
-
-def is_loopback(host: str) -> bool:
-    name = _hostname(host)
-    if name == "localhost" or name.endswith(".localhost"):
-        return True
-    try:
-        return ipaddress.ip_address(name).is_loopback
-    except ValueError:
-        return False
-
-
 def insecure_hosts_from_env(env: dict[str, str] | None = None) -> frozenset[str]:
     env = os.environ if env is None else env
     return frozenset(h.strip() for h in env.get(INSECURE_ENV, "").split(",") if h.strip())
-
-
-class Response:
-    """An HTTP response whose body is read by the caller; closing it returns the connection."""
-
-    def __init__(self, transport: Transport, key: tuple[str, str], raw: http.client.HTTPResponse, url: str):
-        self._transport = transport
-        self._key = key
-        self._raw = raw
-        self.url = url
-        self.status = raw.status
-        self.reason = raw.reason
-        self.headers = raw.headers
-        self.data = b""  # the body, for the answers read whole (manifests)
-
-    def header(self, name: str) -> str | None:
-        return self.headers.get(name)
-
-    def header_values(self, name: str) -> list[str]:
-        return self.headers.get_all(name) or []
-
-    def readinto(self, buffer: memoryview) -> int:
-        return self._raw.readinto(buffer)
-
-    def read_all(self, limit: int) -> bytes:
-        """The whole body, refusing more than `limit` bytes."""
-        length = self._raw.length
-        if length is not None and length > limit:
-            self.abort()
-            raise RegistryError(f"{self.url}: answer too large ({length} bytes)")
-        data = self._raw.read(limit + 1)
-        if len(data) > limit:
-            self.abort()
-            raise RegistryError(f"{self.url}: answer too large (more than {limit} bytes)")
-        if length is not None and len(data) < length:
-            self.abort()
-            raise http.client.IncompleteRead(data, length - len(data))
-        return data
-
-    def close(self) -> None:
-        """Finish with the body: small leftovers are drained to keep the connection, else it is dropped."""
-        raw = self._raw
-        if raw.isclosed():
-            return
-        if raw.length is not None and raw.length <= 65536:
-            try:
-                raw.read()
-                return
-            except TRANSIENT:
-                pass
-        self.abort()
-
-    def abort(self) -> None:
-        """Drop the connection under this response (it can't be reused mid-body)."""
-        self._raw.close()
-        self._transport.drop(self._key)
-
-    def __enter__(self) -> Response:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-
-class Transport:
-    """HTTP/1.1 with one keep-alive connection per (thread, scheme, host)."""
-
-    def __init__(self, insecure_hosts: Iterable[str] = (), timeout: float = 60.0):
-        self.insecure_hosts = frozenset(insecure_hosts)
-        self.timeout = timeout
-        self._local = threading.local()
-        self._verified = ssl.create_default_context()
-        self._unverified = ssl.create_default_context()
-        self._unverified.check_hostname = False
-        self._unverified.verify_mode = ssl.CERT_NONE
-        self._all: list[http.client.HTTPConnection] = []
-        self._lock = threading.Lock()
-
-    def allows_plain_http(self, host: str) -> bool:
-        """Plain HTTP and unverified TLS: loopback hosts and the ones the user named insecure."""
-        return is_loopback(host) or host in self.insecure_hosts or _hostname(host) in self.insecure_hosts
-
-    def _connections(self) -> dict[tuple[str, str], http.client.HTTPConnection]:
-        pool = getattr(self._local, "pool", None)
-        if pool is None:
-            pool = self._local.pool = {}
-        return pool
-
-    def _connection(self, key: tuple[str, str]) -> http.client.HTTPConnection:
-        pool = self._connections()
-        conn = pool.get(key)
-        if conn is None:
-            scheme, netloc = key
-            if scheme == "https":
-                context = self._unverified if self.allows_plain_http(netloc) else self._verified
-                conn = http.client.HTTPSConnection(netloc, timeout=self.timeout, context=context)
-            else:
-                conn = http.client.HTTPConnection(netloc, timeout=self.timeout)
-            pool[key] = conn
-            with self._lock:
-                self._all.append(conn)
-        return conn
-
-    def drop(self, key: tuple[str, str]) -> None:
-        conn = self._connections().pop(key, None)
-        if conn is not None:
-            conn.close()
-
-    def close(self) -> None:
-        with self._lock:
-            for conn in self._all:
-                conn.close()
-            self._all.clear()
-
-    def request(
-        self,
-        method: str,
-        url: str,
-        headers: dict[str, str] | None = None,
-        body: bytes | None = None,
-        follow_redirects: bool = True,
-    ) -> Response:
-        """Send one request (following redirects); the caller reads and closes the response."""
-        headers = dict(headers or {})
-        for _ in range(MAX_REDIRECTS + 1):
-            response = self._send(method, url, headers, body)
-            location = response.header("Location")
-            if not follow_redirects or response.status not in (301, 302, 303, 307, 308) or not location:
-                return response
-            response.close()
-            target = urllib.parse.urljoin(url, location)
-            old, new = urllib.parse.urlsplit(url), urllib.parse.urlsplit(target)
-            if new.scheme not in ("http", "https"):
-                raise RegistryError(f"{old.netloc} redirected to an unsupported URL {target!r}")
-            if old.scheme == "https" and new.scheme == "http" and not self.allows_plain_http(new.netloc):
-                raise RegistryError(f"{old.netloc} redirected to plain HTTP ({new.netloc}): refused")
-            if new.netloc != old.netloc:
-                headers.pop("Authorization", None)
-            if response.status == 303 or (response.status in (301, 302) and method == "POST"):
-                method, body = "GET", None
-                headers.pop("Content-Type", None)
-            url = target
-        raise RegistryError(f"too many redirects fetching {url}")
-
-    def _send(self, method: str, url: str, headers: dict[str, str], body: bytes | None) -> Response:
-        parts = urllib.parse.urlsplit(url)
-        key = (parts.scheme, parts.netloc)
-        path = parts.path + ("?" + parts.query if parts.query else "")
-        all_headers = {"User-Agent": USER_AGENT, **headers}
-        for attempt in (1, 2):
-            conn = self._connection(key)
-            reused = conn.sock is not None
-            try:
-                conn.request(method, path, body=body, headers=all_headers)
-                raw = conn.getresponse()
-            except (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError):
-                # A keep-alive connection the server closed while idle: reconnect once.
-                self.drop(key)
-                if reused and attempt == 1:
-                    continue
-                raise
-            except BaseException:
-                self.drop(key)
-                raise
-            return Response(self, key, raw, url)
-        raise AssertionError("unreachable")
 
 
 @dataclass
@@ -292,6 +117,8 @@ def _retry_after(response: Response) -> float | None:
     value = value.strip()
     if value.isdigit():
         return min(float(value), MAX_RETRY_AFTER)
+    import email.utils
+
     try:
         when = email.utils.parsedate_to_datetime(value).timestamp()
     except (TypeError, ValueError):
@@ -311,11 +138,11 @@ def _describe(exc: BaseException) -> str:
         return "unknown host"
     if isinstance(exc, TimeoutError):
         return "timed out"
-    if isinstance(exc, ssl.SSLCertVerificationError):
-        return f"TLS certificate not trusted ({exc.verify_message})"
-    if isinstance(exc, ssl.SSLError):
-        return f"TLS error ({exc.reason or exc})"
-    if isinstance(exc, ConnectionError | http.client.RemoteDisconnected | http.client.IncompleteRead):
+    if isinstance(exc, Untrusted):
+        return str(exc)
+    if type(exc).__name__.startswith("SSL"):
+        return f"TLS error ({getattr(exc, 'reason', None) or exc})"
+    if isinstance(exc, ConnectionError | ProtocolError):
         return "connection dropped"
     if isinstance(exc, OSError) and exc.strerror:
         return exc.strerror.lower()
@@ -416,8 +243,10 @@ class RegistryClient:
                 response = send()
             except (ConnectionRefusedError, socket.gaierror) as exc:
                 problem = f"can't reach registry {self.host}: {_describe(exc)}"
-            except ssl.SSLCertVerificationError as exc:
+            except (Untrusted, RedirectError) as exc:
                 raise RegistryError(f"can't reach registry {self.host}: {_describe(exc)}") from None
+            except TooLarge as exc:
+                raise RegistryError(f"{what}: {exc}") from None
             except TRANSIENT as exc:
                 problem = f"{what}: {_describe(exc)}"
             else:
@@ -438,7 +267,7 @@ class RegistryClient:
         """Raise the error a non-2xx answer means."""
         try:
             body = response.read_all(1 << 16)
-        except (RegistryError, *TRANSIENT):
+        except (*TRANSIENT, TooLarge):
             body = b""
         code, message = _error_detail(body)
         detail = message or code.lower().replace("_", " ") or response.reason
