@@ -335,15 +335,27 @@ def test_over_a_base_no_parent_folder_is_rewritten(ocibox, tmp_path, busybox_bas
     assert list(OciArchive(out).layer()) == ["busybox", "usr/local/bin/bb"]
 
 
-def test_a_missing_base_is_pulled_first(ocibox, tmp_path, images):
+@pytest.mark.parametrize("name", ["busybox", "busybox-v2s2", "multiarch"])
+def test_a_missing_base_is_pulled_first_and_keeps_its_manifest_type(ocibox, tmp_path, images, name):
+    base = images[name]
     out = tmp_path / "pulled.tar"
-    result = ocibox("build", "--from-binary", BUSYBOX, "--base", images["busybox"].ref, "-o", out)
+    result = ocibox("build", "--from-binary", BUSYBOX, "--base", base.ref, "-o", out, "-t", "localhost/on-pulled:1")
     assert "Pulling base image" in result.stderr
     archive = OciArchive(out)
-    assert [layer["digest"] for layer in archive.manifest["layers"][:-1]] == [
-        layer.digest for layer in images["busybox"].layers
-    ]
-    assert json.loads(ocibox("images", "--format", "json").stdout)[0]["Reference"] == images["busybox"].ref
+    amd64 = base.manifests["linux/amd64"] if base.is_index else base.manifest
+    assert archive.manifest["mediaType"] == amd64.media_type
+    assert [layer["digest"] for layer in archive.manifest["layers"][:-1]] == [layer.digest for layer in amd64.layers]
+    docker = amd64.media_type == "application/vnd.docker.distribution.manifest.v2+json"
+    assert archive.manifest["config"]["mediaType"] == json.loads(amd64.raw)["config"]["mediaType"]
+    assert archive.manifest["layers"][-1]["mediaType"] == (
+        "application/vnd.docker.image.rootfs.diff.tar.gzip" if docker
+        else "application/vnd.oci.image.layer.v1.tar+gzip")
+    assert "annotations" not in archive.manifest or not docker
+    assert skopeo_inspect("oci-archive", out)["Architecture"] == "amd64"
+    config = json.loads(ocibox("inspect", "localhost/on-pulled:1").stdout)[0]["Config"]
+    assert config["config"]["Env"] == amd64.config["config"]["Env"], "the base's config stays"
+    assert config["config"]["Entrypoint"] == ["/busybox"] and "Cmd" not in config["config"]
+    assert config["rootfs"]["diff_ids"][:-1] == amd64.config["rootfs"]["diff_ids"]
 
 
 def test_the_program_must_match_the_base_platform(ocibox, tmp_path, busybox_base):
