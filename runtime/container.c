@@ -6,6 +6,7 @@
 #include <errno.h>
 #include <grp.h>
 #include <net/if.h>
+#include <poll.h>
 #include <sched.h>
 #include <signal.h>
 #include <stdio.h>
@@ -52,8 +53,6 @@ static void send_fd(int sock, int fd)
 
 _Noreturn void container_main(const struct config *cfg, const struct rootfs_opts *opts, int sync)
 {
-    if (prctl(PR_SET_PDEATHSIG, SIGKILL, 0, 0, 0) < 0)
-        die("init", "pdeathsig");
     char go = 0;
     ssize_t n;
     while ((n = read(sync, &go, 1)) < 0 && errno == EINTR)
@@ -68,6 +67,12 @@ _Noreturn void container_main(const struct config *cfg, const struct rootfs_opts
         if (setresgid(0, 0, 0) < 0 || setresuid(0, 0, 0) < 0)
             die("userns", "container root (uid 0) is not mapped");
     }
+    /* if the caller dies, so does the container (set after the id change, which would clear it) */
+    if (prctl(PR_SET_PDEATHSIG, SIGKILL, 0, 0, 0) < 0)
+        die("init", "pdeathsig");
+    struct pollfd pf = {.fd = sync, .events = POLLRDHUP};
+    if (poll(&pf, 1, 0) > 0 && (pf.revents & (POLLRDHUP | POLLHUP)))
+        _exit(EXIT_RUNTIME);
 
     if ((cfg->clone_flags & CLONE_NEWCGROUP) && unshare(CLONE_NEWCGROUP) < 0)
         die("cgroup namespace", NULL);

@@ -14,6 +14,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/prctl.h>
 #include <sys/signalfd.h>
 #include <sys/socket.h>
 #include <sys/syscall.h>
@@ -117,6 +118,18 @@ static int receive_fd(int sock)
     return fd;
 }
 
+/* What `ps` shows for the container's PID 1 (instead of the host path and arguments). */
+static void set_title(int argc, char **argv, const char *title)
+{
+    char *end = argv[argc - 1] + strlen(argv[argc - 1]);
+    size_t room = (size_t)(end - argv[0]);
+    if (strlen(title) > room)
+        return;
+    memset(argv[0], 0, room);
+    memcpy(argv[0], title, strlen(title));
+    prctl(PR_SET_NAME, title, 0, 0, 0);
+}
+
 static const int forwarded[] = {SIGTERM, SIGINT, SIGHUP, SIGQUIT, SIGUSR1, SIGUSR2, SIGWINCH, SIGCHLD,
                                 SIGCONT, SIGALRM};
 
@@ -153,6 +166,7 @@ int main(int argc, char **argv)
         die("start", xasprintf("clone (namespaces 0x%x)", flags));
     if (pid == 0) {
         close(sv[0]);
+        set_title(argc, argv, "ocibox-init");
         struct rootfs_opts ro = {
             .source = {.kind = ROOTFS_DIR, .path = cfg.root_path},
             .upper = upper,

@@ -11,6 +11,7 @@ import json
 import os
 import pty
 import re
+import select
 import shutil
 import signal
 import struct
@@ -364,8 +365,9 @@ def test_pids_limit(bundle):
     assert "can't fork" in r.stdout or "Resource temporarily unavailable" in r.stdout + r.stderr
 
 
-def host_mount_count() -> int:
-    return len(Path("/proc/self/mountinfo").read_text().splitlines())
+def host_mounts_of(base: Path) -> list[str]:
+    """Host mounts that mention the test's folder (the container's mounts must never show here)."""
+    return [line for line in Path("/proc/self/mountinfo").read_text().splitlines() if str(base) in line]
 
 
 @pytest.mark.parametrize("user", USERS)
@@ -378,7 +380,6 @@ def test_sigterm_to_the_runtime_stops_the_container_and_leaves_nothing(bundle, b
         {"destination": "/vol", "type": "bind", "source": str(vol), "options": ["rbind"]}
     )
     b.write()
-    mounts_before = host_mount_count()
     argv = as_user_argv([str(RUNTIME), "run", "--bundle", str(b.dir), "--state-dir", str(state)], user)
     proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd="/")
     for _ in range(500):
@@ -391,7 +392,7 @@ def test_sigterm_to_the_runtime_stops_the_container_and_leaves_nothing(bundle, b
     assert proc.wait(timeout=10) == 128 + signal.SIGTERM
     leftovers = subprocess.run(["pgrep", "-f", f"sleep {marker}"], capture_output=True, text=True)
     assert leftovers.stdout == ""
-    assert host_mount_count() == mounts_before
+    assert host_mounts_of(base_dir) == []
     assert list(state.iterdir()) == []
 
 
@@ -496,3 +497,132 @@ def test_same_as_runc(bundle, args, process):
     b.write()
     ours, theirs = run_runtime(b), run_runc(b)
     assert (ours.returncode, ours.stdout) == (theirs.returncode, theirs.stdout), ours.stderr + theirs.stderr
+
+
+def read_until(fd: int, needle: bytes, timeout: float = 10) -> bytes:
+    out = b""
+    deadline = time.monotonic() + timeout
+    while needle not in out and time.monotonic() < deadline:
+        ready, _, _ = select.select([fd], [], [], 0.1)
+        if ready:
+            try:
+                out += os.read(fd, 4096)
+            except OSError:
+                break
+    return out
+
+
+@pytest.mark.parametrize("user", USERS)
+def test_interactive_shell_window_changes_and_ctrl_c(bundle, user):
+    b = bundle(["sh", "-i"], terminal=True, env=["PATH=/bin", "PS1=$ "])
+    master, slave = pty.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 80, 0, 0))
+    argv = as_user_argv([str(RUNTIME), "run", "--bundle", str(b.dir)], user)
+    proc = subprocess.Popen(argv, stdin=slave, stdout=slave, stderr=slave, cwd="/")
+    try:
+        assert b"$ " in read_until(master, b"$ ")
+        os.write(master, b"echo $((6*7))\r")
+        assert b"42" in read_until(master, b"42")
+        fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 120, 0, 0))
+        proc.send_signal(signal.SIGWINCH)
+        time.sleep(0.2)
+        os.write(master, b"stty size\r")
+        assert b"40 120" in read_until(master, b"40 120")
+        os.write(master, b"sleep 100\r")
+        time.sleep(0.3)
+        os.write(master, b"\x03")  # Ctrl-C reaches sleep through the container's terminal
+        os.write(master, b"echo status=$?\r")
+        assert b"status=130" in read_until(master, b"status=130")
+        os.write(master, b"exit 3\r")
+        assert proc.wait(timeout=10) == 3
+    finally:
+        proc.kill()
+        os.close(slave)
+        os.close(master)
+
+
+@pytest.mark.parametrize("user", USERS)
+def test_sigkill_of_the_runtime_leaves_nothing(bundle, base_dir, user):
+    vol = owned_dir(base_dir, user)
+    marker = "31338"
+    b = bundle(sh(f"touch /vol/started; sleep {marker}"))
+    b.config["mounts"].append(
+        {"destination": "/vol", "type": "bind", "source": str(vol), "options": ["rbind"]}
+    )
+    b.write()
+    argv = as_user_argv([str(RUNTIME), "run", "--bundle", str(b.dir)], user)
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd="/")
+    for _ in range(500):
+        if (vol / "started").exists():
+            break
+        time.sleep(0.01)
+    runtime_pid = proc.pid
+    if user != "root":  # setpriv execs the runtime: same pid
+        assert Path(f"/proc/{runtime_pid}/exe").resolve() == RUNTIME
+    os.kill(runtime_pid, signal.SIGKILL)
+    proc.wait(timeout=10)
+    for _ in range(200):
+        left = subprocess.run(["pgrep", "-f", f"sleep {marker}"], capture_output=True, text=True).stdout
+        if not left:
+            break
+        time.sleep(0.01)
+    assert left == ""
+    assert host_mounts_of(base_dir) == []
+
+
+def test_file_descriptors_of_the_caller_do_not_reach_the_container(bundle):
+    b = bundle(sh("ls /proc/self/fd"))
+    fd = os.open("/", os.O_RDONLY)
+    try:
+        argv = [str(RUNTIME), "run", "--bundle", str(b.dir)]
+        r = subprocess.run(argv, capture_output=True, text=True, pass_fds=(fd,), cwd="/")
+    finally:
+        os.close(fd)
+    assert r.stdout.split() == ["0", "1", "2", "3"]  # 3: ls's own directory
+
+
+def test_cpu_and_pids_limits_are_written_and_the_cgroup_removed(bundle, base_dir):
+    vol = owned_dir(base_dir, "root")
+    b = bundle(
+        sh(
+            "grep -E ':(cpu|pids)[,:]' /proc/self/cgroup > /vol/cgroups; while [ ! -e /vol/go ]; do sleep 0.05; done"
+        )
+    )
+    b.config["mounts"].append(
+        {"destination": "/vol", "type": "bind", "source": str(vol), "options": ["rbind"]}
+    )
+    b.config["linux"]["resources"] = {
+        "cpu": {"quota": 50000, "period": 100000, "shares": 512},
+        "pids": {"limit": 64},
+    }
+    b.write()
+    proc = subprocess.Popen([str(RUNTIME), "run", "--bundle", str(b.dir), "limits-test"], cwd="/")
+    for _ in range(500):
+        if (vol / "cgroups").exists() and (vol / "cgroups").read_text():
+            break
+        time.sleep(0.01)
+    paths = dict(line.split(":")[1:] for line in (vol / "cgroups").read_text().splitlines())
+    cpu_dir = Path("/sys/fs/cgroup/cpu") / paths["cpu"].lstrip("/")
+    pids_dir = Path("/sys/fs/cgroup/pids") / paths["pids"].lstrip("/")
+    try:
+        assert cpu_dir.name == pids_dir.name == "limits-test"
+        assert (cpu_dir / "cpu.cfs_quota_us").read_text() == "50000\n"
+        assert (cpu_dir / "cpu.shares").read_text() == "512\n"
+        assert (pids_dir / "pids.max").read_text() == "64\n"
+    finally:
+        (vol / "go").touch()
+        assert proc.wait(timeout=10) == 0
+    assert not cpu_dir.exists() and not pids_dir.exists()
+
+
+def test_without_subordinate_ids_a_single_mapping_with_a_notice(bundle):
+    """`nobody` has no /etc/subuid range: the container still starts, other owners show as nobody."""
+    b = bundle(sh("id -u; stat -c %u /home/app/owned"))
+    argv = ["setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups", "--reset-env"]
+    r = subprocess.run(
+        [*argv, str(RUNTIME), "run", "--bundle", str(b.dir)], capture_output=True, text=True, cwd="/"
+    )
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split() == ["0", "65534"]
+    assert r.stderr.startswith("ocibox-runtime: notice: no /etc/subuid and /etc/subgid range for this user")
+    assert len(r.stderr.splitlines()) == 1
