@@ -496,3 +496,31 @@ def test_without_o_or_tag_the_archive_goes_beside_the_program_as_zeroimage_does(
     shutil.copy(BUSYBOX, prog)
     ocibox("build", "--from-binary", prog)
     assert OciArchive(tmp_path / "app.tar").config["config"]["Entrypoint"] == ["/app"]
+
+
+def test_add_places_files_like_copy_does(ocibox, tmp_path):
+    conf = tmp_path / "app.conf"
+    conf.write_text("x=1\n")
+    conf.chmod(0o640)
+    linked = tmp_path / "linked-folder"
+    (tmp_path / "real-folder").mkdir()
+    (tmp_path / "real-folder" / "a").write_text("a\n")
+    linked.symlink_to(tmp_path / "real-folder")
+    out = tmp_path / "copy.tar"
+    ocibox("build", "--from-binary", BUSYBOX, "-o", out, "--add", f"{conf}:/etc/app/",
+           "--add", f"{conf}:/etc/renamed.conf", "--add", f"{linked}:/data")
+    layer = OciArchive(out).layer()
+    assert layer["etc/app/app.conf"][0].mode == 0o640 and layer["etc/app/app.conf"][1] == b"x=1\n"
+    assert layer["etc/renamed.conf"][1] == b"x=1\n"
+    assert layer["data"][0].isdir() and layer["data/a"][1] == b"a\n", "a symlink named as SRC is what it names"
+    assert layer["etc"][0].mode == 0o755 and layer["etc"][0].isdir()
+
+
+def test_special_files_are_refused(ocibox, tmp_path):
+    folder = tmp_path / "with-fifo"
+    folder.mkdir()
+    os.mkfifo(folder / "pipe")
+    out = tmp_path / "x.tar"
+    result = ocibox("build", "--from-binary", BUSYBOX, "--add", f"{folder}:/x", "-o", out, check=False)
+    assert_one_clear_line(result, str(folder / "pipe"), "pipe")
+    assert not out.exists()
