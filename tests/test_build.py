@@ -25,10 +25,20 @@ from ocibox.elf import read_elf
 BUSYBOX = Path("/bin/busybox")  # Debian's busybox-static: statically linked
 DYNAMIC = Path("/bin/true")  # dynamically linked, interpreter /lib64/ld-linux-x86-64.so.2
 ARM64_DEBS = Path("/var/cache/ocibox-tests/debs")
-PODMAN_RUN = ["podman", "run", "--rm", "--runtime", "runc", "--cgroup-manager", "cgroupfs",
-              "--ulimit", "nofile=20000:20000",
-              # podman raises RLIMIT_NPROC past this machine's hard limit (no CAP_SYS_RESOURCE): keep it
-              "--ulimit", "nproc=4096:4096"]
+PODMAN_RUN = [
+    "podman",
+    "run",
+    "--rm",
+    "--runtime",
+    "runc",
+    "--cgroup-manager",
+    "cgroupfs",
+    "--ulimit",
+    "nofile=20000:20000",
+    # podman raises RLIMIT_NPROC past this machine's hard limit (no CAP_SYS_RESOURCE): keep it
+    "--ulimit",
+    "nproc=4096:4096",
+]
 
 
 # --- reading what ocibox wrote -------------------------------------------------------------------
@@ -61,8 +71,9 @@ class OciArchive:
 
 
 def skopeo_inspect(transport: str, path: Path, *flags: str) -> dict:
-    out = subprocess.run(["skopeo", "inspect", *flags, f"{transport}:{path}"],
-                         check=True, capture_output=True, text=True)
+    out = subprocess.run(
+        ["skopeo", "inspect", *flags, f"{transport}:{path}"], check=True, capture_output=True, text=True
+    )
     return json.loads(out.stdout)
 
 
@@ -110,22 +121,44 @@ def test_a_static_binary_becomes_a_from_scratch_oci_archive(ocibox, tmp_path, oc
     assert archive.config["config"] == {"Entrypoint": ["/busybox"]}
     assert archive.config["created"] == "1970-01-01T00:00:00Z"
 
-    for document, kind in [(archive.layout, "layout"), (archive.index, "index"),
-                           (archive.manifest, "manifest"), (archive.config, "config")]:
+    for document, kind in [
+        (archive.layout, "layout"),
+        (archive.index, "index"),
+        (archive.manifest, "manifest"),
+        (archive.config, "config"),
+    ]:
         oci_schema.validate(document, kind)
     assert archive.manifest["layers"][0]["mediaType"] == "application/vnd.oci.image.layer.v1.tar+gzip"
 
     [(name, (entry, content))] = archive.layer().items()
     assert name == "busybox"
-    assert (entry.mode, entry.uid, entry.gid, entry.uname, entry.gname, entry.mtime) == (0o755, 0, 0, "", "", 0)
+    assert (entry.mode, entry.uid, entry.gid, entry.uname, entry.gname, entry.mtime) == (
+        0o755,
+        0,
+        0,
+        "",
+        "",
+        0,
+    )
     assert content == BUSYBOX.read_bytes()
     assert not (ocibox.root / "index.json").exists(), "an archive-only build leaves the store alone"
 
 
 def test_podman_loads_and_runs_the_oci_archive(ocibox, tmp_path, podman_image):
     out = tmp_path / "hello.tar"
-    ocibox("build", "--from-binary", BUSYBOX, "-o", out, "-t", podman_image,
-           "--entrypoint", "/busybox", "--cmd", "echo hello from scratch")
+    ocibox(
+        "build",
+        "--from-binary",
+        BUSYBOX,
+        "-o",
+        out,
+        "-t",
+        podman_image,
+        "--entrypoint",
+        "/busybox",
+        "--cmd",
+        "echo hello from scratch",
+    )
     subprocess.run(["podman", "load", "-i", out], check=True, capture_output=True)
     run = subprocess.run([*PODMAN_RUN, podman_image], capture_output=True, text=True)
     assert run.returncode == 0, run.stderr
@@ -134,8 +167,21 @@ def test_podman_loads_and_runs_the_oci_archive(ocibox, tmp_path, podman_image):
 
 def test_a_docker_archive_is_what_docker_load_and_podman_load_read(ocibox, tmp_path, podman_image):
     out = tmp_path / "hello-docker.tar"
-    ocibox("build", "--from-binary", BUSYBOX, "--format", "docker-archive", "-o", out, "-t", podman_image,
-           "--entrypoint", '["/busybox", "echo"]', "--cmd", '["from", "a docker-archive"]')
+    ocibox(
+        "build",
+        "--from-binary",
+        BUSYBOX,
+        "--format",
+        "docker-archive",
+        "-o",
+        out,
+        "-t",
+        podman_image,
+        "--entrypoint",
+        '["/busybox", "echo"]',
+        "--cmd",
+        '["from", "a docker-archive"]',
+    )
     with tarfile.open(out) as tar:
         manifest = json.loads(tar.extractfile("manifest.json").read())
         names = tar.getnames()
@@ -164,20 +210,54 @@ def test_certs_and_passwd_come_from_the_host_on_request(ocibox, tmp_path):
     ocibox("build", "--from-binary", BUSYBOX, "-o", out, "--add-certs", "--add-passwd", "--user", "nobody")
     archive = OciArchive(out)
     layer = archive.layer()
-    assert layer["etc/ssl/certs/ca-certificates.crt"][1] == Path("/etc/ssl/certs/ca-certificates.crt").read_bytes()
+    assert (
+        layer["etc/ssl/certs/ca-certificates.crt"][1]
+        == Path("/etc/ssl/certs/ca-certificates.crt").read_bytes()
+    )
     passwd = layer["etc/passwd"][1].decode()
     assert passwd.startswith("root:x:0:0:") and "\nnobody:x:65534:65534:" in passwd
     assert layer["etc/group"][1].decode().splitlines() == ["root:x:0:", "nobody:x:65534:"]
-    assert [name for name in layer] == ["busybox", "etc", "etc/group", "etc/passwd", "etc/ssl",
-                                        "etc/ssl/certs", "etc/ssl/certs/ca-certificates.crt"]
+    assert [name for name in layer] == [
+        "busybox",
+        "etc",
+        "etc/group",
+        "etc/passwd",
+        "etc/ssl",
+        "etc/ssl/certs",
+        "etc/ssl/certs/ca-certificates.crt",
+    ]
     assert archive.config["config"]["User"] == "nobody"
 
 
 def test_config_options_land_in_the_image_config(ocibox, tmp_path, oci_schema):
     out = tmp_path / "web.tar"
-    ocibox("build", "--from-binary", BUSYBOX, "-o", out, "--entrypoint", "/busybox httpd -f", "--cmd", "-p 8080",
-           "--env", "A=1", "--env", "B=x=y", "--workdir", "/srv", "--user", "1000:1000",
-           "--label", "org.example=yes", "--expose", "8080", "--expose", "53/udp", "--expose", "9000-9001")
+    ocibox(
+        "build",
+        "--from-binary",
+        BUSYBOX,
+        "-o",
+        out,
+        "--entrypoint",
+        "/busybox httpd -f",
+        "--cmd",
+        "-p 8080",
+        "--env",
+        "A=1",
+        "--env",
+        "B=x=y",
+        "--workdir",
+        "/srv",
+        "--user",
+        "1000:1000",
+        "--label",
+        "org.example=yes",
+        "--expose",
+        "8080",
+        "--expose",
+        "53/udp",
+        "--expose",
+        "9000-9001",
+    )
     config = OciArchive(out).config
     oci_schema.validate(config, "config")
     assert config["config"] == {
@@ -233,7 +313,9 @@ def test_the_same_inputs_give_the_same_bytes_and_source_date_epoch_sets_created(
 
 def test_tag_puts_the_image_in_the_store_and_load_round_trips_the_archive(ocibox, tmp_path):
     out = tmp_path / "bb.tar"
-    digest = ocibox("build", "--from-binary", BUSYBOX, "-t", "example.com/tools/busybox:1.0", "-o", out).stdout.strip()
+    digest = ocibox(
+        "build", "--from-binary", BUSYBOX, "-t", "example.com/tools/busybox:1.0", "-o", out
+    ).stdout.strip()
     images = json.loads(ocibox("images", "--format", "json").stdout)
     assert [(i["Reference"], i["Digest"]) for i in images] == [("example.com/tools/busybox:1.0", digest)]
 
@@ -282,14 +364,34 @@ def busybox_base(ocibox, tmp_path):
     links.mkdir(parents=True)
     for applet in ("sh", "ls", "cat", "id", "readlink"):
         (links / applet).symlink_to("/busybox")
-    ocibox("build", "--from-binary", BUSYBOX, "--add", f"{links}:/bin", "--add-passwd", "-t", "localhost/bb-base:1",
-           "--env", "PATH=/bin", "--workdir", "/home", "--label", "from=base", "--cmd", "sh")
+    ocibox(
+        "build",
+        "--from-binary",
+        BUSYBOX,
+        "--add",
+        f"{links}:/bin",
+        "--add-passwd",
+        "-t",
+        "localhost/bb-base:1",
+        "--env",
+        "PATH=/bin",
+        "--workdir",
+        "/home",
+        "--label",
+        "from=base",
+        "--cmd",
+        "sh",
+    )
     return "localhost/bb-base:1"
 
 
-def test_base_gets_one_more_layer_and_keeps_its_config(ocibox, tmp_path, busybox_base, podman_image, oci_schema):
+def test_base_gets_one_more_layer_and_keeps_its_config(
+    ocibox, tmp_path, busybox_base, podman_image, oci_schema
+):
     script = tmp_path / "hello.sh"
-    script.write_text('#!/bin/sh\necho "in $(pwd) as $(id -u)"; ls /site/sub; readlink /site/up; cat /site/sub/f\n')
+    script.write_text(
+        '#!/bin/sh\necho "in $(pwd) as $(id -u)"; ls /site/sub; readlink /site/up; cat /site/sub/f\n'
+    )
     script.chmod(0o755)
     site = tmp_path / "site"
     (site / "sub").mkdir(parents=True)
@@ -299,8 +401,21 @@ def test_base_gets_one_more_layer_and_keeps_its_config(ocibox, tmp_path, busybox
     (site / "up").symlink_to("../../etc")  # kept as a link: never followed
     out = tmp_path / "app.tar"
 
-    ocibox("build", "--from-binary", script, "--base", busybox_base, "--add", f"{site}:/site",
-           "-t", podman_image, "-o", out, "--env", "GREETING=hi")
+    ocibox(
+        "build",
+        "--from-binary",
+        script,
+        "--base",
+        busybox_base,
+        "--add",
+        f"{site}:/site",
+        "-t",
+        podman_image,
+        "-o",
+        out,
+        "--env",
+        "GREETING=hi",
+    )
     base = json.loads(ocibox("inspect", busybox_base).stdout)[0]
     archive = OciArchive(out)
     oci_schema.validate(archive.manifest, "manifest")
@@ -308,13 +423,19 @@ def test_base_gets_one_more_layer_and_keeps_its_config(ocibox, tmp_path, busybox
 
     assert archive.manifest["layers"][:-1] == base["Manifest"]["layers"]
     assert len(archive.manifest["layers"]) == 2
-    assert archive.manifest["annotations"] == {"org.opencontainers.image.base.digest": base["ManifestDigest"],
-                                               "org.opencontainers.image.base.name": busybox_base}
+    assert archive.manifest["annotations"] == {
+        "org.opencontainers.image.base.digest": base["ManifestDigest"],
+        "org.opencontainers.image.base.name": busybox_base,
+    }
     config = archive.config
     assert config["rootfs"]["diff_ids"][:-1] == base["Config"]["rootfs"]["diff_ids"]
     assert config["history"][:-1] == base["Config"]["history"] and len(config["history"]) == 2
-    assert config["config"] == {"Env": ["PATH=/bin", "GREETING=hi"], "Entrypoint": ["/hello.sh"],
-                                "WorkingDir": "/home", "Labels": {"from": "base"}}, "the base's Cmd goes"
+    assert config["config"] == {
+        "Env": ["PATH=/bin", "GREETING=hi"],
+        "Entrypoint": ["/hello.sh"],
+        "WorkingDir": "/home",
+        "Labels": {"from": "base"},
+    }, "the base's Cmd goes"
     assert config["architecture"] == "amd64", "a script takes the base's platform"
 
     layer = archive.layer()
@@ -330,8 +451,17 @@ def test_base_gets_one_more_layer_and_keeps_its_config(ocibox, tmp_path, busybox
 
 def test_over_a_base_no_parent_folder_is_rewritten(ocibox, tmp_path, busybox_base):
     out = tmp_path / "deep.tar"
-    ocibox("build", "--from-binary", BUSYBOX, "--base", busybox_base, "--add", f"{BUSYBOX}:/usr/local/bin/bb",
-           "-o", out)
+    ocibox(
+        "build",
+        "--from-binary",
+        BUSYBOX,
+        "--base",
+        busybox_base,
+        "--add",
+        f"{BUSYBOX}:/usr/local/bin/bb",
+        "-o",
+        out,
+    )
     assert list(OciArchive(out).layer()) == ["busybox", "usr/local/bin/bb"]
 
 
@@ -339,17 +469,23 @@ def test_over_a_base_no_parent_folder_is_rewritten(ocibox, tmp_path, busybox_bas
 def test_a_missing_base_is_pulled_first_and_keeps_its_manifest_type(ocibox, tmp_path, images, name):
     base = images[name]
     out = tmp_path / "pulled.tar"
-    result = ocibox("build", "--from-binary", BUSYBOX, "--base", base.ref, "-o", out, "-t", "localhost/on-pulled:1")
+    result = ocibox(
+        "build", "--from-binary", BUSYBOX, "--base", base.ref, "-o", out, "-t", "localhost/on-pulled:1"
+    )
     assert "Pulling base image" in result.stderr
     archive = OciArchive(out)
     amd64 = base.manifests["linux/amd64"] if base.is_index else base.manifest
     assert archive.manifest["mediaType"] == amd64.media_type
-    assert [layer["digest"] for layer in archive.manifest["layers"][:-1]] == [layer.digest for layer in amd64.layers]
+    assert [layer["digest"] for layer in archive.manifest["layers"][:-1]] == [
+        layer.digest for layer in amd64.layers
+    ]
     docker = amd64.media_type == "application/vnd.docker.distribution.manifest.v2+json"
     assert archive.manifest["config"]["mediaType"] == json.loads(amd64.raw)["config"]["mediaType"]
     assert archive.manifest["layers"][-1]["mediaType"] == (
-        "application/vnd.docker.image.rootfs.diff.tar.gzip" if docker
-        else "application/vnd.oci.image.layer.v1.tar+gzip")
+        "application/vnd.docker.image.rootfs.diff.tar.gzip"
+        if docker
+        else "application/vnd.oci.image.layer.v1.tar+gzip"
+    )
     assert "annotations" not in archive.manifest or not docker
     assert skopeo_inspect("oci-archive", out)["Architecture"] == "amd64"
     config = json.loads(ocibox("inspect", "localhost/on-pulled:1").stdout)[0]["Config"]
@@ -359,8 +495,16 @@ def test_a_missing_base_is_pulled_first_and_keeps_its_manifest_type(ocibox, tmp_
 
 
 def test_the_program_must_match_the_base_platform(ocibox, tmp_path, busybox_base):
-    result = ocibox("build", "--from-binary", arm64_busybox(tmp_path), "--base", busybox_base,
-                    "-o", tmp_path / "x.tar", check=False)
+    result = ocibox(
+        "build",
+        "--from-binary",
+        arm64_busybox(tmp_path),
+        "--base",
+        busybox_base,
+        "-o",
+        tmp_path / "x.tar",
+        check=False,
+    )
     assert_one_clear_line(result, "linux/amd64", "arm64")
     assert not (tmp_path / "x.tar").exists()
 
@@ -376,28 +520,43 @@ def test_an_arm64_binary_makes_an_arm64_image(ocibox, tmp_path):
     assert OciArchive(out).config["variant"] == "v8"
 
 
-def elf_header(machine: int, is_64: bool = True, little: bool = True, interpreter: bytes | None = None) -> bytes:
+def elf_header(
+    machine: int, is_64: bool = True, little: bool = True, interpreter: bytes | None = None
+) -> bytes:
     """A minimal ELF file: header and, for an interpreter, one PT_INTERP program header."""
     order = "<" if little else ">"
     ident = b"\x7fELF" + bytes([2 if is_64 else 1, 1 if little else 2, 1]) + b"\0" * 9
     phnum = 1 if interpreter else 0
     if is_64:
-        header = ident + struct.pack(order + "HHIQQQIHHHHHH", 2, machine, 1, 0, 64 if phnum else 0, 0, 0,
-                                     64, 56, phnum, 0, 0, 0)
+        header = ident + struct.pack(
+            order + "HHIQQQIHHHHHH", 2, machine, 1, 0, 64 if phnum else 0, 0, 0, 64, 56, phnum, 0, 0, 0
+        )
         if interpreter:
-            header += struct.pack(order + "IIQQQQQQ", 3, 4, 64 + 56, 0, 0, len(interpreter), len(interpreter), 1)
+            header += struct.pack(
+                order + "IIQQQQQQ", 3, 4, 64 + 56, 0, 0, len(interpreter), len(interpreter), 1
+            )
     else:
-        header = ident + struct.pack(order + "HHIIIIIHHHHHH", 2, machine, 1, 0, 52 if phnum else 0, 0, 0,
-                                     52, 32, phnum, 0, 0, 0)
+        header = ident + struct.pack(
+            order + "HHIIIIIHHHHHH", 2, machine, 1, 0, 52 if phnum else 0, 0, 0, 52, 32, phnum, 0, 0, 0
+        )
         if interpreter:
-            header += struct.pack(order + "IIIIIIII", 3, 52 + 32, 0, 0, len(interpreter), len(interpreter), 4, 1)
+            header += struct.pack(
+                order + "IIIIIIII", 3, 52 + 32, 0, 0, len(interpreter), len(interpreter), 4, 1
+            )
     return header + (interpreter or b"")
 
 
 @pytest.mark.parametrize(
     ("machine", "is_64", "little", "arch"),
-    [(62, True, True, "amd64"), (183, True, True, "arm64"), (40, False, True, "arm"), (3, False, True, "386"),
-     (21, True, True, "ppc64le"), (22, True, False, "s390x"), (243, True, True, "riscv64")],
+    [
+        (62, True, True, "amd64"),
+        (183, True, True, "arm64"),
+        (40, False, True, "arm"),
+        (3, False, True, "386"),
+        (21, True, True, "ppc64le"),
+        (22, True, False, "s390x"),
+        (243, True, True, "riscv64"),
+    ],
 )
 def test_the_elf_machine_names_the_architecture(tmp_path, machine, is_64, little, arch):
     path = tmp_path / "prog"
@@ -429,7 +588,9 @@ def test_a_script_needs_arch_without_a_base(ocibox, tmp_path):
     script = tmp_path / "run.sh"
     script.write_text("#!/bin/sh\necho hi\n")
     out = tmp_path / "script.tar"
-    assert_one_clear_line(ocibox("build", "--from-binary", script, "-o", out, check=False), "not an ELF", "--arch")
+    assert_one_clear_line(
+        ocibox("build", "--from-binary", script, "-o", out, check=False), "not an ELF", "--arch"
+    )
     assert not out.exists()
     ocibox("build", "--from-binary", script, "--arch", "arm64", "-o", out)
     assert OciArchive(out).config["architecture"] == "arm64"
@@ -465,13 +626,30 @@ def test_bad_input_is_one_clear_line_and_writes_nothing(ocibox, tmp_path, args, 
 
 
 def test_bad_source_date_epoch_and_missing_output_folder(ocibox, tmp_path):
-    result = ocibox("build", "--from-binary", BUSYBOX, "-o", tmp_path / "x.tar", check=False,
-                    env={"SOURCE_DATE_EPOCH": "yesterday"})
+    result = ocibox(
+        "build",
+        "--from-binary",
+        BUSYBOX,
+        "-o",
+        tmp_path / "x.tar",
+        check=False,
+        env={"SOURCE_DATE_EPOCH": "yesterday"},
+    )
     assert_one_clear_line(result, "SOURCE_DATE_EPOCH")
-    assert_one_clear_line(ocibox("build", "--from-binary", BUSYBOX, "-o", tmp_path / "nope" / "x.tar", check=False),
-                          "no such folder")
-    result = ocibox("build", "--from-binary", BUSYBOX, "--base", "localhost/not-there:1", "-o",
-                    tmp_path / "x.tar", check=False)
+    assert_one_clear_line(
+        ocibox("build", "--from-binary", BUSYBOX, "-o", tmp_path / "nope" / "x.tar", check=False),
+        "no such folder",
+    )
+    result = ocibox(
+        "build",
+        "--from-binary",
+        BUSYBOX,
+        "--base",
+        "localhost/not-there:1",
+        "-o",
+        tmp_path / "x.tar",
+        check=False,
+    )
     assert result.returncode == 125 and "Traceback" not in result.stderr
     assert result.stderr.splitlines() == [
         "Pulling base image localhost/not-there:1",
@@ -507,12 +685,25 @@ def test_add_places_files_like_copy_does(ocibox, tmp_path):
     (tmp_path / "real-folder" / "a").write_text("a\n")
     linked.symlink_to(tmp_path / "real-folder")
     out = tmp_path / "copy.tar"
-    ocibox("build", "--from-binary", BUSYBOX, "-o", out, "--add", f"{conf}:/etc/app/",
-           "--add", f"{conf}:/etc/renamed.conf", "--add", f"{linked}:/data")
+    ocibox(
+        "build",
+        "--from-binary",
+        BUSYBOX,
+        "-o",
+        out,
+        "--add",
+        f"{conf}:/etc/app/",
+        "--add",
+        f"{conf}:/etc/renamed.conf",
+        "--add",
+        f"{linked}:/data",
+    )
     layer = OciArchive(out).layer()
     assert layer["etc/app/app.conf"][0].mode == 0o640 and layer["etc/app/app.conf"][1] == b"x=1\n"
     assert layer["etc/renamed.conf"][1] == b"x=1\n"
-    assert layer["data"][0].isdir() and layer["data/a"][1] == b"a\n", "a symlink named as SRC is what it names"
+    assert layer["data"][0].isdir() and layer["data/a"][1] == b"a\n", (
+        "a symlink named as SRC is what it names"
+    )
     assert layer["etc"][0].mode == 0o755 and layer["etc"][0].isdir()
 
 

@@ -212,8 +212,9 @@ def check_program(text: str) -> _Program:
     return _Program(path, path.name, info)
 
 
-def choose_platform(opts: BuildOptions, program: _Program, base: Image | None,
-                    warn: Callable[[str], None]) -> Platform:
+def choose_platform(
+    opts: BuildOptions, program: _Program, base: Image | None, warn: Callable[[str], None]
+) -> Platform:
     found = program.info.architecture if program.info else None
     if opts.arch:
         wanted = Platform.parse(f"{opts.os}/{opts.arch}")
@@ -314,8 +315,9 @@ def default_output(opts: BuildOptions) -> str | None:
     return None if opts.tag else opts.program + ".tar"
 
 
-def build(opts: BuildOptions, store: Store, warn: Callable[[str], None],
-          say: Callable[[str], None]) -> BuildResult:
+def build(
+    opts: BuildOptions, store: Store, warn: Callable[[str], None], say: Callable[[str], None]
+) -> BuildResult:
     """Check everything, write the layer and JSON to a temp folder, then publish: file, store tag."""
     if opts.format not in FORMATS:
         raise OciboxError(f"invalid --format {opts.format!r}: use oci-archive or docker-archive")
@@ -356,8 +358,11 @@ def build(opts: BuildOptions, store: Store, warn: Callable[[str], None],
             warn(dynamic_warning(program))
 
         plan = LayerPlan()
-        plan.add(Entry(image_path(program.name), "file", 0o755, f"--from-binary {program.path}",
-                       source=program.path))
+        plan.add(
+            Entry(
+                image_path(program.name), "file", 0o755, f"--from-binary {program.path}", source=program.path
+            )
+        )
         for src, dest in adds:
             plan_add(plan, src, dest)
         if opts.add_certs:
@@ -366,8 +371,11 @@ def build(opts: BuildOptions, store: Store, warn: Callable[[str], None],
             plan.add(Entry("etc/passwd", "file", 0o644, "--add-passwd", data=PASSWD.encode()))
             plan.add(Entry("etc/group", "file", 0o644, "--add-passwd", data=GROUP.encode()))
 
-        folder = Path(stack.enter_context(
-            tempfile.TemporaryDirectory(dir=store.tmp_dir if uses_store else None, prefix="build-")))
+        folder = Path(
+            stack.enter_context(
+                tempfile.TemporaryDirectory(dir=store.tmp_dir if uses_store else None, prefix="build-")
+            )
+        )
         blobs = _NewBlobs(folder, store if base else None)
         # Over a base, folders we only create as parents are left out: the base's stay as they are.
         layer = write_layer(plan.sorted(with_implicit=base is None), epoch, folder)
@@ -383,14 +391,27 @@ def build(opts: BuildOptions, store: Store, warn: Callable[[str], None],
             say(f"Wrote {out_path} ({opts.format})")
         if opts.tag:
             blobs.copy_into(store)
-            store.tag(name, Descriptor(image.manifest.media_type, image.manifest_digest,
-                                       len(image.manifest.raw), None, platform))
+            store.tag(
+                name,
+                Descriptor(
+                    image.manifest.media_type, image.manifest_digest, len(image.manifest.raw), None, platform
+                ),
+            )
             say(f"Tagged {name}")
     return BuildResult(image, out_path)
 
 
-def _assemble(opts: BuildOptions, program: _Program, platform: Platform, base: Image | None,
-              layer: LayerBlob, epoch: int, name: str, blobs: _NewBlobs, added: list[str]) -> Image:
+def _assemble(
+    opts: BuildOptions,
+    program: _Program,
+    platform: Platform,
+    base: Image | None,
+    layer: LayerBlob,
+    epoch: int,
+    name: str,
+    blobs: _NewBlobs,
+    added: list[str],
+) -> Image:
     """The config and manifest for the new layer, on `base` or on nothing."""
     created = rfc3339(epoch)
     if base is None:
@@ -413,8 +434,13 @@ def _assemble(opts: BuildOptions, program: _Program, platform: Platform, base: I
     entrypoint = words(opts.entrypoint, "--entrypoint") if opts.entrypoint is not None else default
     apply_options(config, opts, entrypoint)
     config["rootfs"]["diff_ids"].append(layer.diff_id)
-    config["history"].append({"created": created, "created_by": "ocibox build --from-binary " + program.name,
-                              "comment": "added " + " ".join(added)})
+    config["history"].append(
+        {
+            "created": created,
+            "created_by": "ocibox build --from-binary " + program.name,
+            "comment": "added " + " ".join(added),
+        }
+    )
     config_raw = canonical_json(config)
     config_desc = blobs.put(config_raw)
     manifest: dict[str, Any] = {
