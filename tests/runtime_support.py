@@ -174,3 +174,32 @@ def compile_static(source: str, out: Path) -> Path:
     subprocess.run(["gcc", "-static", "-O2", "-o", str(out), str(src)], check=True, capture_output=True)
     src.unlink()
     return out
+
+
+def resolve_seccomp(profile: dict, caps: list[str], arch: str = "amd64") -> dict:
+    """A seccomp profile file (Docker/containers format, with includes/excludes) as the
+    runtime-spec `linux.seccomp` an engine writes for a container with these capabilities."""
+    scmp_arch = {"amd64": "SCMP_ARCH_X86_64", "arm64": "SCMP_ARCH_AARCH64"}[arch]
+    arches = [scmp_arch]
+    for entry in profile.get("archMap", []):
+        if entry["architecture"] == scmp_arch:
+            arches += entry.get("subArchitectures", [])
+    rules = []
+    for rule in profile["syscalls"]:
+        inc, exc = rule.get("includes") or {}, rule.get("excludes") or {}
+        if inc.get("arches") and arch not in inc["arches"]:
+            continue
+        if exc.get("arches") and arch in exc["arches"]:
+            continue
+        if inc.get("caps") and not all(c in caps for c in inc["caps"]):
+            continue
+        if exc.get("caps") and any(c in caps for c in exc["caps"]):
+            continue
+        out = {"names": rule["names"], "action": rule["action"], "args": rule.get("args") or []}
+        if "errnoRet" in rule:
+            out["errnoRet"] = rule["errnoRet"]
+        rules.append(out)
+    spec = {"defaultAction": profile["defaultAction"], "architectures": arches, "syscalls": rules}
+    if "defaultErrnoRet" in profile:
+        spec["defaultErrnoRet"] = profile["defaultErrnoRet"]
+    return spec

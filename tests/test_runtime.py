@@ -25,6 +25,7 @@ import pytest
 
 from runtime_support import (
     DOCKER_CAPEFF,
+    DOCKER_CAPS,
     RUNTIME,
     TEST_USER,
     Bundle,
@@ -32,6 +33,7 @@ from runtime_support import (
     base_config,
     compile_static,
     make_rootfs,
+    resolve_seccomp,
     run_runtime,
     subid_start,
     user_ids,
@@ -626,3 +628,20 @@ def test_without_subordinate_ids_a_single_mapping_with_a_notice(bundle):
     assert r.stdout.split() == ["0", "65534"]
     assert r.stderr.startswith("ocibox-runtime: notice: no /etc/subuid and /etc/subgid range for this user")
     assert len(r.stderr.splitlines()) == 1
+
+
+CONTAINERS_SECCOMP = Path("/usr/share/containers/seccomp.json")
+
+
+@pytest.mark.skipif(not CONTAINERS_SECCOMP.exists(), reason="containers-common's seccomp.json is missing")
+@pytest.mark.parametrize("user", USERS)
+def test_default_seccomp_profile(bundle, user):
+    """The default profile of Docker/podman (as its engine resolves it) filters, and busybox still works."""
+    b = bundle(
+        sh("grep -E '^Seccomp:' /proc/self/status; ls / >/dev/null && echo works; chroot / true; echo $?")
+    )
+    b.config["linux"]["seccomp"] = resolve_seccomp(json.loads(CONTAINERS_SECCOMP.read_text()), DOCKER_CAPS)
+    b.write()
+    r = run_runtime(b, user)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.splitlines() == ["Seccomp:\t2", "works", "0"]
