@@ -46,6 +46,7 @@ MANIFEST_ACCEPT = ", ".join(MANIFEST_TYPES) + f", {SCHEMA1_TYPE};q=0.1"
 MANIFEST_LIMIT = 4 << 20  # the OCI distribution spec's recommended maximum manifest size
 CHUNK = 1 << 20  # read size for blobs: big enough that hashing and writing release the GIL
 ATTEMPTS = 5  # tries per request before a transient failure is reported
+MAX_DROPS = 15  # dropped connections per blob download, even when each brought some bytes
 MAX_RETRY_AFTER = 60.0
 INSECURE_ENV = "OCIBOX_INSECURE_REGISTRIES"
 
@@ -340,7 +341,8 @@ class RegistryClient:
         what = f"blob {digest} of {self.registry}/{repository}"
         buffer = memoryview(bytearray(CHUNK))
         use_range = True
-        failures = 0
+        failures = 0  # drops in a row without a byte of progress
+        drops = 0  # drops in all
         while True:
             start = sink.offset if use_range else 0
             if not use_range and sink.offset:
@@ -356,8 +358,10 @@ class RegistryClient:
                         response.abort()
                         continue
                 elif response.status == 200:
-                    if sink.offset:
+                    if sink.offset:  # the server ignored Range: start over
                         sink.reset()
+                        if on_progress is not None:
+                            on_progress(0)
                 else:
                     self._fail(response, what, repository)
                 before = sink.offset
@@ -370,14 +374,17 @@ class RegistryClient:
                     if sink.offset >= size:
                         return
                     problem = "connection dropped"
+            drops += 1
             failures = 0 if sink.offset > before else failures + 1
-            if failures >= ATTEMPTS:
+            if failures >= ATTEMPTS or drops >= MAX_DROPS:
                 raise RegistryError(f"downloading {what}: {problem} ({sink.offset} of {size} bytes)")
+            # Reconnect at once after a drop that brought bytes; back off when nothing comes.
+            delay = backoff(failures) if failures else 0.0
             if cancel is not None:
-                if cancel.wait(backoff(failures or 1)):
+                if cancel.wait(delay):
                     raise Cancelled()
-            else:
-                self._sleep(backoff(failures or 1))
+            elif delay:
+                self._sleep(delay)
 
     @staticmethod
     def _stream(

@@ -196,6 +196,7 @@ class Response:
         self.length: int | None = None  # body bytes still to come (None: chunked or until close)
         self._chunked = False
         self._chunk_left = 0
+        self._error: BaseException | None = None
         self._keep_alive = self.version != "HTTP/1.0"
         connection = (self.header("Connection") or "").lower()
         if "close" in connection:
@@ -236,9 +237,17 @@ class Response:
         """Fill as much of `view` as the body has, reading until it is full or the body ends.
 
         Raises Disconnected when the connection drops before the body's announced end."""
+        if self._error is not None:
+            raise self._error
         total = 0
         while total < len(view) and self._conn is not None:
-            n = self._read_some(view[total:])
+            try:
+                n = self._read_some(view[total:])
+            except (OSError, ProtocolError) as exc:
+                if not total:
+                    raise
+                self._error = exc  # hand over what arrived; the failure comes with the next read
+                break
             if n == 0:
                 break
             total += n
