@@ -72,7 +72,7 @@ static const char *find_helper(const char *name)
     return NULL;
 }
 
-static void run_helper(const char *helper, pid_t pid, const struct idmap *maps, size_t n)
+static pid_t spawn_helper(const char *helper, pid_t pid, const struct idmap *maps, size_t n)
 {
     char **argv = xcalloc(3 * n + 3, sizeof *argv);
     size_t k = 0;
@@ -91,6 +91,14 @@ static void run_helper(const char *helper, pid_t pid, const struct idmap *maps, 
         fprintf(stderr, PROG ": userns: %s: %s\n", helper, strerror(errno));
         _exit(EXIT_RUNTIME);
     }
+    for (size_t i = 1; i < k; i++)
+        free(argv[i]);
+    free(argv);
+    return child;
+}
+
+static void wait_helper(pid_t child, const char *helper)
+{
     int status;
     while (waitpid(child, &status, 0) < 0)
         if (errno != EINTR)
@@ -159,24 +167,31 @@ void userns_map(pid_t pid, const struct config *cfg, bool rootless, struct idmap
         free(name);
     }
 
-    if (is_self_only(umap, nu, uid)) {
-        write_map(pid, "uid_map", umap, nu);
-    } else {
-        const char *helper = find_helper("newuidmap");
-        if (!helper)
+    /* the two helpers run side by side: each is a setuid exec, the slowest part of a start */
+    const char *uhelper = NULL, *ghelper = NULL;
+    pid_t uchild = -1, gchild = -1;
+    if (!is_self_only(umap, nu, uid)) {
+        uhelper = find_helper("newuidmap");
+        if (!uhelper)
             die_msg("userns", "newuidmap", "not found, and an unprivileged caller needs it for this uid map");
-        run_helper(helper, pid, umap, nu);
+        uchild = spawn_helper(uhelper, pid, umap, nu);
     }
-    if (is_self_only(gmap, ng, gid)) {
+    if (!is_self_only(gmap, ng, gid)) {
+        ghelper = find_helper("newgidmap");
+        if (!ghelper)
+            die_msg("userns", "newgidmap", "not found, and an unprivileged caller needs it for this gid map");
+        gchild = spawn_helper(ghelper, pid, gmap, ng);
+    } else {
         char *path = xasprintf("/proc/%d/setgroups", pid);
         write_file("userns", path, "deny");
         free(path);
         out->setgroups_denied = true;
         write_map(pid, "gid_map", gmap, ng);
-    } else {
-        const char *helper = find_helper("newgidmap");
-        if (!helper)
-            die_msg("userns", "newgidmap", "not found, and an unprivileged caller needs it for this gid map");
-        run_helper(helper, pid, gmap, ng);
     }
+    if (uchild < 0)
+        write_map(pid, "uid_map", umap, nu);
+    else
+        wait_helper(uchild, uhelper);
+    if (gchild >= 0)
+        wait_helper(gchild, ghelper);
 }
