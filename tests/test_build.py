@@ -683,6 +683,7 @@ def test_add_places_files_like_copy_does(ocibox, tmp_path):
     linked = tmp_path / "linked-folder"
     (tmp_path / "real-folder").mkdir()
     (tmp_path / "real-folder" / "a").write_text("a\n")
+    os.link(tmp_path / "real-folder" / "a", tmp_path / "real-folder" / "b")
     linked.symlink_to(tmp_path / "real-folder")
     out = tmp_path / "copy.tar"
     ocibox(
@@ -705,6 +706,9 @@ def test_add_places_files_like_copy_does(ocibox, tmp_path):
         "a symlink named as SRC is what it names"
     )
     assert layer["etc"][0].mode == 0o755 and layer["etc"][0].isdir()
+    assert layer["data/b"][0].islnk() and layer["data/b"][0].linkname == "data/a", (
+        "hard links stay hard links"
+    )
 
 
 def test_special_files_are_refused(ocibox, tmp_path):

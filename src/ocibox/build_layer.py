@@ -29,7 +29,7 @@ class Entry:
     """One tar entry of the new layer. `path` is relative to the image root, no leading slash."""
 
     path: str
-    kind: str  # "dir", "file" or "symlink"
+    kind: str  # "dir", "file", "symlink" or "hardlink" (to `link`, an earlier entry's path)
     mode: int
     origin: str  # what put it here, for error messages
     source: Path | None = None
@@ -105,12 +105,15 @@ def plan_add(plan: LayerPlan, src: Path, dest: str) -> None:
     elif stat.S_ISDIR(top.st_mode):
         root = image_path(dest)
         plan.add(Entry(root, "dir", stat.S_IMODE(top.st_mode), origin))
-        _plan_tree(plan, src, root, origin)
+        _plan_tree(plan, src, root, origin, {})
     else:
         raise OciboxError(f"--add: {src} is neither a file nor a folder")
 
 
-def _plan_tree(plan: LayerPlan, folder: Path, into: str, origin: str) -> None:
+def _plan_tree(
+    plan: LayerPlan, folder: Path, into: str, origin: str, inodes: dict[tuple[int, int], str]
+) -> None:
+    """Walk `folder` in sorted order (the tar's order); files hard-linked together stay hard links."""
     try:
         children = sorted(os.scandir(folder), key=lambda d: d.name)
     except OSError as exc:
@@ -124,10 +127,14 @@ def _plan_tree(plan: LayerPlan, folder: Path, into: str, origin: str) -> None:
             plan.add(Entry(name, "symlink", 0o777, origin, link=os.readlink(path)))
         elif stat.S_ISDIR(st.st_mode):
             plan.add(Entry(name, "dir", mode, origin))
-            _plan_tree(plan, path, name, origin)
+            _plan_tree(plan, path, name, origin, inodes)
+        elif stat.S_ISREG(st.st_mode) and st.st_nlink > 1 and (st.st_dev, st.st_ino) in inodes:
+            plan.add(Entry(name, "hardlink", mode, origin, link=inodes[st.st_dev, st.st_ino]))
         elif stat.S_ISREG(st.st_mode):
             _check_readable(path)
             plan.add(Entry(name, "file", mode, origin, source=path))
+            if st.st_nlink > 1:
+                inodes[st.st_dev, st.st_ino] = name
         else:
             raise OciboxError(f"--add: {path} is a device, socket or pipe: only files, folders, symlinks")
 
@@ -198,8 +205,8 @@ def _write_entry(tar: tarfile.TarFile, entry: Entry, mtime: int) -> None:
     if entry.kind == "dir":
         info.type = tarfile.DIRTYPE
         tar.addfile(info)
-    elif entry.kind == "symlink":
-        info.type = tarfile.SYMTYPE
+    elif entry.kind in ("symlink", "hardlink"):
+        info.type = tarfile.SYMTYPE if entry.kind == "symlink" else tarfile.LNKTYPE
         info.linkname = entry.link
         tar.addfile(info)
     elif entry.data is not None:
@@ -212,6 +219,6 @@ def _write_entry(tar: tarfile.TarFile, entry: Entry, mtime: int) -> None:
                 info.size = os.fstat(f.fileno()).st_size
                 tar.addfile(info, f)
         except OSError as exc:
-            raise OciboxError(f"cannot read {entry.source}: {exc.strerror}") from None
+            raise OciboxError(f"cannot read {entry.source}: {exc.strerror or exc}") from None
         except tarfile.TarError as exc:
             raise OciboxError(f"{entry.source} changed while it was being read: {exc}") from None
