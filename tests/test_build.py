@@ -719,3 +719,12 @@ def test_special_files_are_refused(ocibox, tmp_path):
     result = ocibox("build", "--from-binary", BUSYBOX, "--add", f"{folder}:/x", "-o", out, check=False)
     assert_one_clear_line(result, str(folder / "pipe"), "pipe")
     assert not out.exists()
+
+
+def test_an_unprivileged_user_builds_into_their_own_store(ocibox_user):
+    digest = ocibox_user("build", "--from-binary", BUSYBOX, "-t", "mine:1").stdout.strip()
+    [row] = json.loads(ocibox_user("images", "--format", "json").stdout)
+    assert (row["Reference"], row["Digest"]) == ("docker.io/library/mine:1", digest)
+    out = ocibox_user.home / "mine.tar"
+    ocibox_user("save", "mine:1", "-o", out)
+    assert skopeo_inspect("oci-archive", out)["Digest"] == digest
