@@ -357,3 +357,121 @@ def test_credentials_are_sent_to_the_token_server(token_registry):
     manifest = client.get_manifest("private/busybox", "latest")
     assert manifest.digest.startswith("sha256:")
     assert [r.username for r in server.requests] == [token_registry.username]
+
+
+# --- TLS: a docker-registry serving HTTPS with a certificate from a test CA ------------------------
+
+
+@pytest.fixture(scope="module")
+def tls_registry(tmp_path_factory, busybox_layouts):
+    import subprocess
+    import time
+    import urllib.request
+
+    from support.registry import die_with_parent, free_port
+
+    work = tmp_path_factory.mktemp("tls-registry")
+
+    def openssl(*args: str) -> None:
+        subprocess.run(["openssl", *args], check=True, capture_output=True, cwd=work)
+
+    openssl(
+        "req",
+        "-x509",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-days",
+        "2",
+        "-subj",
+        "/CN=ocibox test CA",
+        "-keyout",
+        "ca.key",
+        "-out",
+        "ca.pem",
+    )
+    openssl(
+        "req",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-subj",
+        "/CN=127.0.0.1",
+        "-keyout",
+        "server.key",
+        "-out",
+        "server.csr",
+    )
+    (work / "san.ext").write_text("subjectAltName=IP:127.0.0.1,DNS:localhost\n")
+    openssl(
+        "x509",
+        "-req",
+        "-in",
+        "server.csr",
+        "-CA",
+        "ca.pem",
+        "-CAkey",
+        "ca.key",
+        "-CAcreateserial",
+        "-days",
+        "2",
+        "-extfile",
+        "san.ext",
+        "-out",
+        "server.pem",
+    )
+    host = f"127.0.0.1:{free_port()}"
+    (work / "config.yml").write_text(
+        f"version: 0.1\nlog:\n  level: warn\n  accesslog:\n    disabled: true\nstorage:\n  filesystem:\n"
+        f"    rootdirectory: {work / 'storage'}\nhttp:\n  addr: {host}\n  tls:\n"
+        f"    certificate: {work / 'server.pem'}\n    key: {work / 'server.key'}\n"
+    )
+    log = open(work / "registry.log", "wb")
+    proc = subprocess.Popen(
+        ["/usr/bin/docker-registry", "serve", str(work / "config.yml")],
+        stdout=log,
+        stderr=log,
+        preexec_fn=die_with_parent,
+    )
+    import ssl
+
+    context = ssl.create_default_context(cafile=str(work / "ca.pem"))
+    for _ in range(200):
+        try:
+            urllib.request.urlopen(f"https://{host}/v2/", context=context, timeout=2)
+            break
+        except OSError:
+            time.sleep(0.05)
+    subprocess.run(
+        [
+            "skopeo",
+            "copy",
+            "-q",
+            "--dest-tls-verify=false",
+            f"oci:{busybox_layouts['busybox']}:latest",
+            f"docker://{host}/busybox:latest",
+        ],
+        check=True,
+        capture_output=True,
+    )
+    yield host, work / "ca.pem"
+    proc.terminate()
+    proc.wait(timeout=10)
+    log.close()
+
+
+def test_a_loopback_registry_speaking_tls_is_pulled_over_tls(ocibox, tls_registry):
+    host, _ = tls_registry
+    result = ocibox("pull", "-q", f"{host}/busybox")
+    assert result.stdout.strip() == f"{host}/busybox:latest"
+
+
+def test_tls_certificates_are_verified_against_the_system_cas(tls_registry):
+    import ssl
+
+    from ocibox.registry.transport import Connection, Untrusted
+
+    host, ca = tls_registry
+    with pytest.raises(Untrusted, match="not trusted"):
+        Connection("https", host, 5, ssl.create_default_context())
+    Connection("https", host, 5, ssl.create_default_context(cafile=str(ca))).close()
