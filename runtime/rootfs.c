@@ -41,21 +41,29 @@ static char *rootfs_source_attach(const struct rootfs_source *src)
     die_msg("rootfs", NULL, "unknown rootfs source");
 }
 
-static void check_overlay_path(const char *path)
+/* overlayfs options split on ',' and lowerdir on ':'; a backslash escapes them in paths. */
+static char *overlay_escape(const char *path)
 {
-    if (strpbrk(path, ",:\\"))
-        die_msg("rootfs", path, "overlayfs cannot use a path containing ',', ':' or '\\'");
+    char *out = xcalloc(2 * strlen(path) + 1, 1), *o = out;
+    for (const char *p = path; *p; p++) {
+        if (*p == ',' || *p == ':' || *p == '\\')
+            *o++ = '\\';
+        *o++ = *p;
+    }
+    return out;
 }
 
 static int mount_overlay(const char *lower, const char *upper, const char *work, bool userns)
 {
-    check_overlay_path(lower);
-    check_overlay_path(upper);
-    check_overlay_path(work);
-    char *data = xasprintf("lowerdir=%s,upperdir=%s,workdir=%s%s", lower, upper, work,
-                           userns ? ",userxattr" : "");
+    char *l = overlay_escape(lower), *u = overlay_escape(upper), *w = overlay_escape(work);
+    char *data = xasprintf("lowerdir=%s,upperdir=%s,workdir=%s%s", l, u, w, userns ? ",userxattr" : "");
     int r = mount("overlay", NEWROOT, "overlay", 0, data);
+    int saved = errno;
     free(data);
+    free(l);
+    free(u);
+    free(w);
+    errno = saved;
     return r;
 }
 

@@ -645,3 +645,19 @@ def test_default_seccomp_profile(bundle, user):
     r = run_runtime(b, user)
     assert r.returncode == 0, r.stderr
     assert r.stdout.splitlines() == ["Seccomp:\t2", "works", "0"]
+
+
+@pytest.mark.parametrize("user", USERS)
+def test_paths_with_colons_and_commas(bundle, base_dir, images, user):
+    odd = base_dir / f"odd:dir,{user}"
+    shutil.copytree(images[user], odd / "rootfs", symlinks=True)
+    upper = owned_dir(base_dir, user) / "up:per,dir"
+    upper.mkdir()
+    if user != "root":
+        os.chown(upper, *user_ids())
+    b = bundle(sh("echo hi > /new; cat /data.txt"))
+    b.config["root"]["path"] = str(odd / "rootfs")
+    b.write()
+    r = run_runtime(b, user, "--upper", str(upper))
+    assert (r.returncode, r.stdout) == (0, "image data\n"), r.stderr
+    assert (upper / "upper" / "new").read_text() == "hi\n"
