@@ -142,6 +142,9 @@ def test_a_static_binary_becomes_a_from_scratch_oci_archive(ocibox, tmp_path, oc
     )
     assert content == BUSYBOX.read_bytes()
     assert not (ocibox.root / "index.json").exists(), "an archive-only build leaves the store alone"
+    umask = os.umask(0o022)
+    os.umask(umask)
+    assert out.stat().st_mode & 0o777 == 0o666 & ~umask, "an ordinary file, not mkstemp's 0600"
 
 
 def test_podman_loads_and_runs_the_oci_archive(ocibox, tmp_path, podman_image):

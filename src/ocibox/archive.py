@@ -89,6 +89,9 @@ def write_archive(store: BlobSource, images: list[Image], output: str, fmt: str 
                 _save_docker(store, images, tar)
             else:
                 _save_oci(store, images, tar)
+        umask = os.umask(0o022)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp made it 0600; an archive is an ordinary file
         os.replace(tmp, out)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
