@@ -55,6 +55,9 @@ class Task:
         self.progress._finish(self, status)
 
     def line(self, width: int) -> str:
+        if self.finished is not None and self.done:
+            elapsed = max(self.finished - self.started, 1e-6)
+            return f"{self.label}: {self.status}  {human_bytes(self.done)} in {elapsed:.1f}s"
         if self.finished is not None or self.status != "Downloading":
             return f"{self.label}: {self.status}"
         elapsed = max(time.monotonic() - self.started, 1e-6)
@@ -105,7 +108,7 @@ class Progress:
             return task
         with self._lock:
             self._tasks.append(task)
-            self._draw(force=True)
+            self._draw(force=False)
         return task
 
     def start(self, task: Task) -> None:
@@ -115,7 +118,7 @@ class Progress:
             if self.mode == "plain":
                 self.stream.write(f"{task.label}: Downloading {human_bytes(task.total)}\n")
                 self.stream.flush()
-            self._draw(force=True)
+            self._draw(force=False)
 
     def _update(self, task: Task, done: int) -> None:
         task.done = done
