@@ -731,3 +731,42 @@ def test_an_unprivileged_user_builds_into_their_own_store(ocibox_user):
     out = ocibox_user.home / "mine.tar"
     ocibox_user("save", "mine:1", "-o", out)
     assert skopeo_inspect("oci-archive", out)["Digest"] == digest
+
+
+def test_umoci_unpacks_an_image_built_onto_a_base(ocibox, tmp_path, busybox_base):
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "index.html").write_text("<p>hi</p>\n")
+    os.link(site / "index.html", site / "same.html")
+    out = tmp_path / "web.tar"
+    ocibox(
+        "build",
+        "--from-binary",
+        BUSYBOX,
+        "--base",
+        busybox_base,
+        "--add",
+        f"{site}:/srv/www",
+        "-t",
+        "web:1",
+        "-o",
+        out,
+    )
+    layout = tmp_path / "layout"
+    layout.mkdir()
+    with tarfile.open(out) as tar:
+        tar.extractall(layout)  # our own archive: plain files only
+    bundle = tmp_path / "bundle"
+    subprocess.run(
+        ["umoci", "unpack", "--rootless", "--image", f"{layout}:1", str(bundle)],
+        check=True,
+        capture_output=True,
+    )
+    rootfs = bundle / "rootfs"
+    assert (rootfs / "bin" / "sh").readlink() == Path("/busybox")
+    assert (rootfs / "srv" / "www" / "index.html").read_text() == "<p>hi</p>\n"
+    assert (rootfs / "srv" / "www" / "same.html").stat().st_ino == (
+        rootfs / "srv" / "www" / "index.html"
+    ).stat().st_ino
+    assert "nobody:x:65534" in (rootfs / "etc" / "passwd").read_text()
+    assert json.loads((bundle / "config.json").read_text())["process"]["args"] == ["/busybox"]
