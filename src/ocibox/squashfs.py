@@ -220,6 +220,7 @@ class SquashfsWriter:
         mtime: int | None = None,
         dedupe: bool = True,
         exportable: bool = True,
+        probe: bool = True,
     ) -> None:
         if compression not in COMPRESSORS:
             raise SquashfsError(f"squashfs: unknown compression {compression!r} (use zstd or gzip)")
@@ -231,6 +232,7 @@ class SquashfsWriter:
         self.mtime = _clamp_time(int(time.time()) if mtime is None else mtime)
         self.dedupe = dedupe
         self.exportable = exportable
+        self._probe = probe and compression == "zstd" and self.level > 3
         self._out = out
         self._base = out.tell()
         out.write(bytes(SUPERBLOCK_SIZE))
@@ -312,10 +314,18 @@ class SquashfsWriter:
         return ref
 
     def _compress(self, chunk: bytes) -> tuple[bytes, bool]:
-        """Runs in a worker thread: the block compressed, or as it is when that is not smaller."""
-        compress = getattr(self._local, "compress", None)
+        """Runs in a worker thread: the block compressed, or as it is when that is not smaller.
+
+        With `probe`, a fast level-1 pass first: what it can't shrink by 2% (data compressed
+        already: .gz, .png, .zip) is stored as it is without trying the slow level.
+        """
+        local = self._local
+        compress = getattr(local, "compress", None)
         if compress is None:
-            compress = self._local.compress = _compressor(self.compression, self.level)
+            compress = local.compress = _compressor(self.compression, self.level)
+            local.probe = _compressor(self.compression, 1) if self._probe else None
+        if local.probe is not None and len(local.probe(chunk)) * 50 >= len(chunk) * 49:
+            return chunk, True
         packed = compress(chunk)
         if len(packed) < len(chunk):
             return packed, False
