@@ -381,38 +381,62 @@ static void parse_linux(struct config *cfg, json_t *root)
     }
 }
 
-void config_load(struct config *cfg, const char *bundle)
+/* Parses config.json text; `base` makes relative paths absolute (the bundle folder), `origin`
+ * names the text in messages. Also the entry point for a config embedded in a compiled file. */
+void config_parse(struct config *cfg, const char *text, size_t len, const char *base, const char *origin)
 {
-    char abs[PATH_MAX];
-    if (!realpath(bundle, abs))
-        die("bundle", bundle);
     memset(cfg, 0, sizeof *cfg);
-    cfg->bundle = xasprintf("%s", abs);
-    config_path = xasprintf("%s/config.json", abs);
-
+    cfg->bundle = xasprintf("%s", base);
+    config_path = origin;
     json_error_t err;
-    json_t *root = json_load_file(config_path, JSON_REJECT_DUPLICATES, &err);
-    if (!root) {
-        if (err.line < 0)
-            die("config", config_path);
+    json_t *root = json_loadb(text, len, JSON_REJECT_DUPLICATES, &err);
+    if (!root)
         bad(xasprintf("line %d: %s", err.line, err.text));
-    }
     if (!json_is_object(root))
         bad("not a JSON object");
     /* the struct points into this tree; it lives as long as the process */
-
     parse_process(cfg, root);
     json_t *r = get_obj(root, "root");
     if (!r)
         bad("missing \"root\"");
     const char *path = get_str(r, "path", true);
-    char *joined = path[0] == '/' ? xasprintf("%s", path) : xasprintf("%s/%s", abs, path);
-    cfg->root_path = realpath(joined, NULL);
-    if (!cfg->root_path)
-        die("rootfs", joined);
-    free(joined);
+    cfg->root_path = path[0] == '/' ? xasprintf("%s", path) : xasprintf("%s/%s", base, path);
     cfg->root_readonly = get_bool(r, "readonly");
     cfg->hostname = get_str(root, "hostname", false);
     parse_mounts(cfg, root);
     parse_linux(cfg, root);
+}
+
+void config_load(struct config *cfg, const char *bundle)
+{
+    char abs[PATH_MAX];
+    if (!realpath(bundle, abs))
+        die("bundle", bundle);
+    char *path = xasprintf("%s/config.json", abs);
+    FILE *f = fopen(path, "re");
+    if (!f)
+        die("config", path);
+    char *text = NULL;
+    size_t cap = 0, len = 0;
+    for (;;) {
+        if (len == cap) {
+            cap = cap ? 2 * cap : 65536;
+            text = realloc(text, cap);
+            if (!text)
+                die("memory", NULL);
+        }
+        size_t n = fread(text + len, 1, cap - len, f);
+        len += n;
+        if (n == 0)
+            break;
+    }
+    if (ferror(f))
+        die("config", path);
+    fclose(f);
+    config_parse(cfg, text, len, abs, path);
+    char *real = realpath(cfg->root_path, NULL);
+    if (!real)
+        die("rootfs", cfg->root_path);
+    free(cfg->root_path);
+    cfg->root_path = real;
 }

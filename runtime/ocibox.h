@@ -88,7 +88,8 @@ struct config {
     unsigned long rootfs_propagation;
 };
 
-void config_load(struct config *cfg, const char *bundle);
+void config_load(struct config *cfg, const char *bundle); /* DIR/config.json, root.path resolved */
+void config_parse(struct config *cfg, const char *text, size_t len, const char *base, const char *origin);
 
 /* ---- userns.c ---- */
 struct idmapping_result {
