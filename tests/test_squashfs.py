@@ -787,6 +787,19 @@ def test_bad_trees_are_refused_with_one_line(tmp_path):
     assert "twice" in attempt(Dir(entries={"loop": loop}))
 
 
+def test_bad_settings_are_refused(tmp_path):
+    with open(tmp_path / "x.sqfs", "w+b") as out:
+        for options, message in [
+            ({"compression": "lz4"}, "unknown compression"),
+            ({"block_size": 5000}, "not a power of two"),
+            ({"block_size": 2 << 20}, "not a power of two"),
+            ({"level": 23}, "not between 1 and 22"),
+            ({"compression": "gzip", "level": 10}, "not between 1 and 9"),
+        ]:
+            with pytest.raises(SquashfsError, match=message):
+                SquashfsWriter(out, **options)
+
+
 def test_a_short_stream_is_an_integrity_error(tmp_path):
     with (
         open(tmp_path / "short.sqfs", "w+b") as out,

@@ -81,7 +81,11 @@ class SquashfsError(OciboxError):
 
 @dataclass(eq=False)
 class DataRef:
-    """Where a file's contents are in the image; returned by `SquashfsWriter.add_data`."""
+    """Where a file's contents are in the image; returned by `SquashfsWriter.add_data`.
+
+    The writer fills it in as the blocks are written; it is complete when `finish` starts. One
+    DataRef may back several File nodes (they share the blocks, without being hard links).
+    """
 
     size: int
     start: int = 0  # image offset of the first block
@@ -226,8 +230,14 @@ class SquashfsWriter:
             raise SquashfsError(f"squashfs: unknown compression {compression!r} (use zstd or gzip)")
         if block_size < 4096 or block_size > 1 << 20 or block_size & (block_size - 1):
             raise SquashfsError(f"squashfs: block size {block_size} is not a power of two from 4K to 1M")
+        level = DEFAULT_LEVELS[compression] if level is None else level
+        top = 22 if compression == "zstd" else 9
+        if not 1 <= level <= top:
+            raise SquashfsError(f"squashfs: {compression} level {level} is not between 1 and {top}")
+        if workers is not None and workers < 0:
+            raise SquashfsError(f"squashfs: negative number of workers {workers}")
         self.compression = compression
-        self.level = DEFAULT_LEVELS[compression] if level is None else level
+        self.level = level
         self.block_size = block_size
         self.mtime = _clamp_time(int(time.time()) if mtime is None else mtime)
         self.dedupe = dedupe
