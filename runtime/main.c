@@ -1,6 +1,6 @@
 /* ocibox-runtime: command line, and the caller's side of a container's life.
  *
- *   ocibox-runtime run --bundle DIR [--state-dir DIR] [--upper DIR] [ID]
+ *   ocibox-runtime run --bundle DIR [--state-dir DIR] [--upper DIR] [--no-overlay] [ID]
  *
  * The caller clones the first container process into new namespaces, maps its ids, puts it in
  * its cgroups, lets it go, then relays signals (and the terminal with -t) until it exits. */
@@ -24,11 +24,12 @@
 #define VERSION "0.1.0"
 
 static const char usage[] =
-    "usage: " PROG " run --bundle DIR [--state-dir DIR] [--upper DIR] [ID]\n"
+    "usage: " PROG " run --bundle DIR [--state-dir DIR] [--upper DIR] [--no-overlay] [ID]\n"
     "       " PROG " --version\n";
 
 struct options {
     const char *bundle, *state_dir, *upper, *id;
+    bool no_overlay;
 };
 
 static void parse_args(int argc, char **argv, struct options *o)
@@ -53,7 +54,9 @@ static void parse_args(int argc, char **argv, struct options *o)
             slot = &o->state_dir;
         else if (strcmp(argv[i], "--upper") == 0)
             slot = &o->upper;
-        if (slot) {
+        if (strcmp(argv[i], "--no-overlay") == 0) {
+            o->no_overlay = true;
+        } else if (slot) {
             if (i + 1 >= argc)
                 die_msg("arguments", argv[i], "needs a value");
             *slot = argv[++i];
@@ -171,6 +174,7 @@ int main(int argc, char **argv)
             .source = {.kind = ROOTFS_DIR, .path = cfg.root_path},
             .upper = upper,
             .userns = userns,
+            .no_overlay = o.no_overlay,
         };
         container_main(&cfg, &ro, sv[1]);
     }

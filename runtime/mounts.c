@@ -125,6 +125,11 @@ static void set_attrs(int fd, const char *what, unsigned long flags, bool recurs
     free(p);
 }
 
+void mount_set_readonly(int fd, const char *what)
+{
+    set_attrs(fd, what, MS_RDONLY, true);
+}
+
 /* Binds the host path src onto dest in the root and applies flags. */
 static void bind_into(int rootfd, const char *src, const char *dest, bool recursive, unsigned long flags,
                       unsigned long propagation)

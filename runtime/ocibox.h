@@ -115,6 +115,7 @@ struct rootfs_opts {
     struct rootfs_source source;
     const char *upper; /* host dir holding upper/ and work/ (persistent), or NULL for tmpfs */
     bool userns;       /* running inside a user namespace we created */
+    bool no_overlay;   /* skip overlayfs: tmpfs root, image entries bound read-only */
 };
 
 /* Builds the container's root and pivots into it. On return the process is inside the new root. */
@@ -127,6 +128,7 @@ void mounts_apply(const struct config *cfg, int rootfd, bool userns);
 void mounts_devices(const struct config *cfg, int rootfd, bool userns);
 void mounts_mask(const struct config *cfg, int rootfd);
 int open_in_root(int rootfd, const char *path, int flags);
+void mount_set_readonly(int fd, const char *what); /* recursive, keeps locked flags */
 void mkdir_in_root(int rootfd, const char *path, bool as_file);
 
 /* ---- cgroups.c ---- */

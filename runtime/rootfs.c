@@ -6,11 +6,14 @@
  *      pivot_root moves the host's root to HOST (/oldroot) inside it;
  *   2. the rootfs source is attached and gives the lower directory (a host directory today);
  *   3. overlayfs joins it with an upper and work directory: persistent ones under --upper, or
- *      on the scratch tmpfs (also the fallback when the kernel refuses the given upper);
+ *      on the scratch tmpfs (also the fallback when the kernel refuses the given upper); if the
+ *      kernel refuses overlayfs altogether (or --no-overlay), a tmpfs root with the image's
+ *      top-level entries bound read-only;
  *   4. the config's mounts, /dev, the working directory, sysctls, masked/read-only paths;
  *   5. pivot_root into the overlay, and the scratch root with the host under it is detached. */
 #include "ocibox.h"
 
+#include <dirent.h>
 #include <errno.h>
 #include <fcntl.h>
 #include <stdio.h>
@@ -92,8 +95,56 @@ static void make_scratch_root(void)
         die("pivot_root", "/");
 }
 
-static void make_overlay(const char *lower, const struct rootfs_opts *opts)
+/* Without overlayfs: a tmpfs root holding the image's top-level entries, directories and files
+ * bound read-only, symlinks copied. / itself is writable (new mount points, files at the top);
+ * everything below the image's top-level directories is read-only. */
+static void make_skeleton(const char *lower)
 {
+    if (mount("tmpfs", NEWROOT, "tmpfs", MS_NOSUID, "mode=0755") < 0)
+        die("rootfs", "/");
+    DIR *d = opendir(lower);
+    if (!d)
+        die("rootfs", lower + strlen(HOST));
+    struct dirent *e;
+    while ((errno = 0, e = readdir(d))) {
+        if (strcmp(e->d_name, ".") == 0 || strcmp(e->d_name, "..") == 0)
+            continue;
+        char *src = xasprintf("%s/%s", lower, e->d_name), *dst = xasprintf(NEWROOT "/%s", e->d_name);
+        struct stat st;
+        if (lstat(src, &st) < 0)
+            die("rootfs", src + strlen(HOST));
+        if (S_ISLNK(st.st_mode)) {
+            char target[4096];
+            ssize_t n = readlink(src, target, sizeof target - 1);
+            if (n < 0)
+                die("rootfs", src + strlen(HOST));
+            target[n] = '\0';
+            if (symlink(target, dst) < 0)
+                die("rootfs", dst + strlen(NEWROOT));
+        } else {
+            int r = S_ISDIR(st.st_mode) ? mkdir(dst, st.st_mode & 07777) : mknod(dst, S_IFREG | 0644, 0);
+            if (r < 0 || mount(src, dst, NULL, MS_BIND | MS_REC, NULL) < 0)
+                die("rootfs", dst + strlen(NEWROOT));
+            int fd = open(dst, O_PATH | O_CLOEXEC);
+            if (fd < 0)
+                die("rootfs", dst + strlen(NEWROOT));
+            mount_set_readonly(fd, dst + strlen(NEWROOT));
+            close(fd);
+        }
+        free(src);
+        free(dst);
+    }
+    if (errno)
+        die("rootfs", lower + strlen(HOST));
+    closedir(d);
+}
+
+static void make_root(const char *lower, const struct rootfs_opts *opts)
+{
+    if (opts->no_overlay) {
+        make_skeleton(lower);
+        return;
+    }
     if (opts->upper) {
         char *base = xasprintf(HOST "%s", opts->upper);
         char *upper = xasprintf("%s/upper", base), *work = xasprintf("%s/work", base);
@@ -105,8 +156,11 @@ static void make_overlay(const char *lower, const struct rootfs_opts *opts)
         notice("overlay with upper %s refused (%s); the writable layer is a tmpfs for this run",
                opts->upper, strerror(errno));
     }
-    if (mount_overlay(lower, "/upper", "/work", opts->userns) < 0)
-        die("rootfs: overlay", lower + strlen(HOST));
+    if (mount_overlay(lower, "/upper", "/work", opts->userns) == 0)
+        return;
+    notice("overlayfs refused (%s); the image is mounted read-only under a tmpfs root for this run",
+           strerror(errno));
+    make_skeleton(lower);
 }
 
 static void apply_sysctls(const struct config *cfg, int rootfd)
@@ -131,7 +185,7 @@ void rootfs_setup(const struct config *cfg, const struct rootfs_opts *opts)
 {
     make_scratch_root();
     char *lower = rootfs_source_attach(&opts->source);
-    make_overlay(lower, opts);
+    make_root(lower, opts);
     free(lower);
 
     int rootfd = open(NEWROOT, O_PATH | O_DIRECTORY | O_CLOEXEC);

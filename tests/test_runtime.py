@@ -661,3 +661,15 @@ def test_paths_with_colons_and_commas(bundle, base_dir, images, user):
     r = run_runtime(b, user, "--upper", str(upper))
     assert (r.returncode, r.stdout) == (0, "image data\n"), r.stderr
     assert (upper / "upper" / "new").read_text() == "hi\n"
+
+
+@pytest.mark.parametrize("user", USERS)
+def test_without_overlayfs_the_image_is_read_only_under_a_tmpfs_root(bundle, images, user):
+    """--no-overlay is also what happens when the kernel refuses overlayfs."""
+    b = bundle(sh("echo top > /top && cat /top; cat /data.txt; echo x > /bin/new; pwd"), cwd="/made/here")
+    r = run_runtime(b, user, "--no-overlay")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.splitlines()[:2] == ["top", "image data"]
+    assert r.stderr == "sh: can't create /bin/new: Read-only file system\n"
+    assert r.stdout.endswith("/made/here\n")
+    assert not (images[user] / "top").exists() and not (images[user] / "bin" / "new").exists()
