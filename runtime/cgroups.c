@@ -6,11 +6,13 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <linux/magic.h>
+#include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/stat.h>
 #include <sys/vfs.h>
+#include <sys/wait.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -19,6 +21,22 @@
 static const char *why_rootless =
     "cannot create a cgroup (running unprivileged without a delegated, writable cgroup; "
     "run as root, or on cgroup v2 with systemd delegation)";
+
+/* A failure after the container's first process exists: end it, remove what was made, say why. */
+static _Noreturn void fail(struct cgroup_state *st, const char *path, const char *msg)
+{
+    int saved = errno;
+    if (st->pid > 0) {
+        kill(st->pid, SIGKILL);
+        while (waitpid(st->pid, NULL, 0) < 0 && errno == EINTR)
+            ;
+    }
+    cgroups_remove(st);
+    errno = saved;
+    if (msg)
+        die_msg("cgroups", path, msg);
+    die("cgroups", path);
+}
 
 /* The caller's own cgroup path in a hierarchy: "" (v2 entry "0::") or the named v1 controller. */
 static char *own_cgroup(const char *controller)
@@ -69,10 +87,10 @@ static void make_group(struct cgroup_state *st, const char *dir, bool rootless)
 {
     if (mkdir(dir, 0755) < 0) {
         if (errno == EEXIST)
-            die_msg("cgroups", dir, "already exists (is a container with this id running?)");
+            fail(st, dir, "already exists (is a container with this id running?)");
         if (rootless && (errno == EACCES || errno == EPERM || errno == EROFS))
-            die_msg("cgroups", dir, xasprintf("%s: %s", strerror(errno), why_rootless));
-        die("cgroups", dir);
+            fail(st, dir, xasprintf("%s: %s", strerror(errno), why_rootless));
+        fail(st, dir, NULL);
     }
     st->dirs[st->ndirs++] = xasprintf("%s", dir);
 }
@@ -81,14 +99,8 @@ static void set_value(struct cgroup_state *st, const char *dir, const char *file
                       const char *why_missing)
 {
     char *path = xasprintf("%s/%s", dir, file);
-    if (try_write_file(path, value) < 0) {
-        int saved = errno;
-        cgroups_remove(st);
-        errno = saved;
-        if (errno == ENOENT && why_missing)
-            die_msg("cgroups", path, why_missing);
-        die("cgroups", path);
-    }
+    if (try_write_file(path, value) < 0)
+        fail(st, path, errno == ENOENT ? why_missing : NULL);
     free(path);
 }
 
@@ -133,8 +145,7 @@ static void apply_v1(pid_t pid, const struct config *cfg, const char *id, bool r
             free(probe);
         }
         if (!mnt) {
-            cgroups_remove(st);
-            die_msg("cgroups", ctrls[i].mounts[0], xasprintf("the %s controller is not mounted", ctrls[i].name));
+            fail(st, ctrls[i].mounts[0], xasprintf("the %s controller is not mounted", ctrls[i].name));
         }
         char *dir = group_dir(mnt, ctrls[i].name, cfg, id);
         make_group(st, dir, rootless);
@@ -167,7 +178,7 @@ static void apply_v1(pid_t pid, const struct config *cfg, const char *id, bool r
                     char *pp = xasprintf("%s/%s", parent, keys[k]);
                     FILE *f = fopen(pp, "re");
                     if (!f || !fgets(buf, sizeof buf, f))
-                        die("cgroups", pp);
+                        fail(st, pp, NULL);
                     fclose(f);
                     free(pp);
                 }
@@ -205,11 +216,9 @@ static void apply_v2(pid_t pid, const struct config *cfg, const char *id, bool r
         char *plus = xasprintf("+%s", needed[i]);
         char *sub = xasprintf("%s/cgroup.subtree_control", parent);
         if (try_write_file(sub, plus) < 0) {
-            int saved = errno;
-            cgroups_remove(st);
-            die_msg("cgroups", sub,
-                    xasprintf("can't enable the %s controller: %s%s", needed[i], strerror(saved),
-                              rootless ? " (the cgroup is not delegated to this user)" : ""));
+            fail(st, sub,
+                 xasprintf("can't enable the %s controller: %s%s", needed[i], strerror(errno),
+                           rootless ? " (the cgroup is not delegated to this user)" : ""));
         }
         free(plus);
         free(sub);
@@ -243,6 +252,7 @@ void cgroups_apply(pid_t pid, const struct config *cfg, const char *id, bool roo
                    struct cgroup_state *st)
 {
     st->ndirs = 0;
+    st->pid = pid;
     if (!cfg->res.any)
         return;
     if (is_v2())

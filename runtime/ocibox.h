@@ -135,6 +135,7 @@ void mkdir_in_root(int rootfd, const char *path, bool as_file);
 struct cgroup_state {
     char *dirs[8];
     size_t ndirs;
+    pid_t pid; /* the container's first process, ended if a limit fails */
 };
 void cgroups_apply(pid_t pid, const struct config *cfg, const char *id, bool rootless,
                    struct cgroup_state *st);

@@ -673,3 +673,18 @@ def test_without_overlayfs_the_image_is_read_only_under_a_tmpfs_root(bundle, ima
     assert r.stderr == "sh: can't create /bin/new: Read-only file system\n"
     assert r.stdout.endswith("/made/here\n")
     assert not (images[user] / "top").exists() and not (images[user] / "bin" / "new").exists()
+
+
+def test_a_limit_that_cannot_be_applied_fails_and_leaves_no_cgroup(bundle):
+    b = bundle(["true"])
+    b.config["linux"]["resources"] = {"memory": {"limit": 64 << 20}, "cpu": {"cpus": "63"}}
+    b.write()
+    r = run_runtime(b, "root", "bad-limit-test")
+    assert r.returncode == 125
+    assert re.fullmatch(
+        r"ocibox-runtime: cgroups: /sys/fs/cgroup/cpuset/\S*bad-limit-test/cpuset.cpus: .*\n", r.stderr
+    )
+    leftovers = subprocess.run(
+        ["find", "/sys/fs/cgroup", "-name", "bad-limit-test"], capture_output=True, text=True
+    )
+    assert leftovers.stdout == ""
