@@ -57,6 +57,10 @@ static _Noreturn void process_exec(const struct config *cfg, bool setgroups_deni
         write_file("oom_score_adj", "/proc/self/oom_score_adj", v);
         free(v);
     }
+    /* without no_new_privs, loading a filter needs CAP_SYS_ADMIN: load it while we still have it */
+    bool seccomp_early = !cfg->no_new_privs;
+    if (seccomp_early)
+        seccomp_apply(cfg);
     if (prctl(PR_SET_KEEPCAPS, 1, 0, 0, 0) < 0)
         die("user", "keepcaps");
     if (!setgroups_denied) {
@@ -85,7 +89,8 @@ static _Noreturn void process_exec(const struct config *cfg, bool setgroups_deni
         for (int fd = 3; fd < 4096; fd++)
             fcntl(fd, F_SETFD, FD_CLOEXEC);
     }
-    seccomp_apply(cfg);
+    if (!seccomp_early)
+        seccomp_apply(cfg);
     environ = (char **)env;
     execvp(cfg->args[0], (char *const *)cfg->args);
     int e = errno;
@@ -136,6 +141,9 @@ void init_run(const struct config *cfg, int pty_slave, bool setgroups_denied)
     }
 
     close(errpipe[1]);
+    /* without a pid namespace, orphans of the container still come to us to be reaped */
+    if (prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) < 0)
+        die("init", "subreaper");
     if (pty_slave >= 0)
         close(pty_slave);
     /* the container's processes may not ptrace or read the memory of their init */

@@ -431,6 +431,12 @@ def test_seccomp_profile_from_the_config(bundle, user):
     b.write()
     r = run_runtime(b, user)
     assert r.stdout.endswith("Operation not permitted\ndone\n"), r.stdout + r.stderr
+    # without no_new_privs the filter is loaded while the runtime may still do so, for any user
+    b.config["process"]["noNewPrivileges"] = False
+    b.config["process"]["user"] = {"uid": 1000, "gid": 1000}
+    b.write()
+    r = run_runtime(b, user)
+    assert r.stdout.endswith("Operation not permitted\ndone\n"), r.stdout + r.stderr
 
 
 @pytest.mark.parametrize("user", USERS)
