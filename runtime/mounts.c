@@ -34,9 +34,14 @@ static char *fd_path(int fd)
 }
 
 /* Creates every missing component of path inside the root; the last one as an empty file when
- * as_file (the mount point of a file bind mount), else as a directory. */
-void mkdir_in_root(int rootfd, const char *path, bool as_file)
+ * as_file (the mount point of a file bind mount), else as a directory. A dangling symlink on the
+ * way (e.g. /etc/resolv.conf -> ../run/...) is followed inside the root and its target created. */
+static void mkdir_in_root_depth(int rootfd, const char *path, bool as_file, int depth)
 {
+    if (depth > 40) {
+        errno = ELOOP;
+        die("mkdir", path);
+    }
     char *copy = xasprintf("%s", path);
     size_t len = strlen(copy);
     while (len > 1 && copy[len - 1] == '/')
@@ -64,7 +69,20 @@ void mkdir_in_root(int rootfd, const char *path, bool as_file)
                                              : mkdirat(parent, slash + 1, 0755);
             if (r < 0 && errno != EEXIST)
                 die("mkdir", copy);
+            char target[4096];
+            ssize_t n = r < 0 ? readlinkat(parent, slash + 1, target, sizeof target - 1) : -1;
             close(parent);
+            if (n > 0) { /* a dangling symlink: create what it points to, then go on */
+                target[n] = '\0';
+                *slash = '\0';
+                char *rest = saved ? p + 1 : "";
+                char *next = target[0] == '/' ? xasprintf("%s%s%s", target, saved ? "/" : "", rest)
+                                              : xasprintf("%s/%s%s%s", copy, target, saved ? "/" : "", rest);
+                mkdir_in_root_depth(rootfd, next, as_file, depth + 1);
+                free(next);
+                free(copy);
+                return;
+            }
             fd = open_in_root(rootfd, copy, O_PATH);
         }
         if (fd < 0)
@@ -75,6 +93,11 @@ void mkdir_in_root(int rootfd, const char *path, bool as_file)
         *p = saved;
     }
     free(copy);
+}
+
+void mkdir_in_root(int rootfd, const char *path, bool as_file)
+{
+    mkdir_in_root_depth(rootfd, path, as_file, 0);
 }
 
 /* Adds attributes (read-only, nosuid, ...) to the mount at fd, keeping the ones the kernel locked. */

@@ -92,6 +92,7 @@ def build_image(root: Path, owner: tuple[int, int] | None) -> Path:
     if CHTEST.is_dir():
         for probe in ("chroot-escape", "mknods", "setgroups", "setuid"):
             compile_static((CHTEST / f"{probe}.c").read_text(), root / "bin" / f"ch-{probe}")
+    (root / "etc" / "resolv.conf").symlink_to("../run/resolve/stub-resolv.conf")  # dangling, as in Ubuntu
     if owner:
         for p in [root, *root.rglob("*")]:
             os.lchown(p, *owner)
@@ -694,3 +695,18 @@ def test_a_limit_that_cannot_be_applied_fails_and_leaves_no_cgroup(bundle):
         ["find", "/sys/fs/cgroup", "-name", "bad-limit-test"], capture_output=True, text=True
     )
     assert leftovers.stdout == ""
+
+
+@pytest.mark.parametrize("user", USERS)
+def test_file_volume_onto_a_dangling_symlink(bundle, base_dir, images, user):
+    resolv = owned_dir(base_dir, user) / "resolv.conf"
+    resolv.write_text("nameserver 192.0.2.53\n")
+    resolv.chmod(0o644)
+    b = bundle(sh("cat /etc/resolv.conf /run/resolve/stub-resolv.conf"))
+    b.config["mounts"].append(
+        {"destination": "/etc/resolv.conf", "type": "bind", "source": str(resolv), "options": ["rbind", "ro"]}
+    )
+    b.write()
+    r = run_runtime(b, user)
+    assert (r.returncode, r.stdout) == (0, "nameserver 192.0.2.53\n" * 2), r.stderr
+    assert not (images[user] / "run").exists()
