@@ -8,6 +8,7 @@
 
 #include <errno.h>
 #include <fcntl.h>
+#include <jansson.h>
 #include <poll.h>
 #include <sched.h>
 #include <signal.h>
@@ -88,13 +89,17 @@ static char *absolute(const char *path)
 static char *write_state(const char *dir, const char *id, pid_t pid, const char *bundle)
 {
     char *path = xasprintf("%s/state.json", dir), *tmp = xasprintf("%s/.state.json.tmp", dir);
+    json_t *state = json_pack("{s:s, s:s, s:s, s:i, s:i, s:s}", "ociVersion", "1.0.2", "id", id, "status",
+                              "running", "pid", (int)pid, "runtimePid", (int)getpid(), "bundle", bundle);
+    if (!state)
+        die_msg("state", path, "can't encode the state");
     FILE *f = fopen(tmp, "we");
     if (!f)
         die("state", tmp);
-    fprintf(f, "{\"ociVersion\": \"1.0.2\", \"id\": \"%s\", \"status\": \"running\", \"pid\": %d, "
-               "\"runtimePid\": %d, \"bundle\": \"%s\"}\n", id, pid, getpid(), bundle);
-    if (fflush(f) != 0 || fsync(fileno(f)) < 0 || fclose(f) != 0)
+    if (json_dumpf(state, f, JSON_COMPACT) < 0 || fputc('\n', f) == EOF || fflush(f) != 0 ||
+        fsync(fileno(f)) < 0 || fclose(f) != 0)
         die("state", tmp);
+    json_decref(state);
     if (rename(tmp, path) < 0)
         die("state", path);
     free(tmp);
