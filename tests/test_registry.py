@@ -402,7 +402,7 @@ def tls_registry(tmp_path_factory, busybox_layouts):
         "-out",
         "server.csr",
     )
-    (work / "san.ext").write_text("subjectAltName=IP:127.0.0.1,DNS:localhost\n")
+    (work / "san.ext").write_text("subjectAltName=IP:127.0.0.1,DNS:localhost,DNS:registry.test\n")
     openssl(
         "x509",
         "-req",
@@ -475,3 +475,129 @@ def test_tls_certificates_are_verified_against_the_system_cas(tls_registry):
     with pytest.raises(Untrusted, match="not trusted"):
         Connection("https", host, 5, ssl.create_default_context())
     Connection("https", host, 5, ssl.create_default_context(cafile=str(ca))).close()
+
+
+# --- proxies: HTTPS_PROXY with a CONNECT tunnel, as Go's clients (docker, skopeo) use them ----------
+
+
+class ConnectProxy:
+    """A minimal HTTP CONNECT proxy that tunnels every request to one upstream address."""
+
+    def __init__(self, upstream: tuple[str, int]):
+        import socket
+        import threading
+
+        self.upstream = upstream
+        self.tunnels: list[str] = []
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self.listener.getsockname()[1]}"
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        import threading
+
+        while True:
+            try:
+                conn, _ = self.listener.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
+
+    def _serve(self, conn) -> None:
+        import socket
+        import threading
+
+        head = b""
+        while b"\r\n\r\n" not in head:
+            chunk = conn.recv(4096)
+            if not chunk:
+                conn.close()
+                return
+            head += chunk
+        method, target, _ = head.split(b"\r\n", 1)[0].decode().split(" ")
+        self.tunnels.append(f"{method} {target}")
+        upstream = socket.create_connection(self.upstream)
+        conn.sendall(b"HTTP/1.1 200 Connection established\r\n\r\n")
+
+        def pipe(src, dst) -> None:
+            try:
+                while data := src.recv(65536):
+                    dst.sendall(data)
+            except OSError:
+                pass
+            finally:
+                for s in (src, dst):
+                    try:
+                        s.shutdown(socket.SHUT_RDWR)
+                    except OSError:
+                        pass
+
+        threading.Thread(target=pipe, args=(upstream, conn), daemon=True).start()
+        pipe(conn, upstream)
+
+    def close(self) -> None:
+        self.listener.close()
+
+
+@pytest.fixture
+def proxied_tls_registry(tls_registry):
+    """registry.test:PORT reached through an HTTPS_PROXY that tunnels to the TLS registry."""
+    host, ca = tls_registry
+    port = int(host.rsplit(":", 1)[1])
+    proxy = ConnectProxy(("127.0.0.1", port))
+    env = {"HTTPS_PROXY": proxy.url, "NO_PROXY": None, "no_proxy": None}
+    yield f"registry.test:{port}", ca, proxy, env
+    proxy.close()
+
+
+def test_tls_to_a_named_registry_through_a_proxy_is_verified(ocibox, proxied_tls_registry):
+    name, ca, proxy, env = proxied_tls_registry
+    result = ocibox("pull", "-q", f"{name}/busybox", env={**env, "SSL_CERT_FILE": ca})
+    assert result.stdout.strip() == f"{name}/busybox:latest"
+    assert proxy.tunnels and set(proxy.tunnels) == {f"CONNECT {name}"}
+
+
+def test_an_untrusted_certificate_is_refused_unless_the_registry_is_named_insecure(
+    ocibox, proxied_tls_registry
+):
+    name, _, _, env = proxied_tls_registry
+    refused = ocibox("pull", f"{name}/busybox", env=env, check=False)
+    assert refused.returncode == 125
+    assert refused.stderr.strip().splitlines()[-1] == (
+        f"ocibox: can't reach registry {name}: TLS certificate of {name} not trusted "
+        "(unable to get local issuer certificate)"
+    )
+    ocibox("pull", "-q", f"{name}/busybox", env={**env, "OCIBOX_INSECURE_REGISTRIES": name})
+    ocibox("pull", "-q", "--insecure", f"{name}/busybox", env=env)
+
+
+@pytest.mark.parametrize(
+    ("scheme", "netloc", "no_proxy", "expected"),
+    [
+        ("https", "registry.example:5000", "", "proxy:3128"),
+        ("https", "127.0.0.1:5000", "", None),  # loopback never goes through a proxy
+        ("https", "registry.example", "ample", "proxy:3128"),  # whole labels only
+        ("https", "registry.example", ".example", None),
+        ("https", "registry.example", "registry.example", None),
+        ("https", "a.registry.example", "registry.example", None),
+        ("https", "registry.example:5000", "registry.example:6000", "proxy:3128"),
+        ("https", "registry.example:5000", "registry.example:5000", None),
+        ("https", "10.1.2.3:5000", "10.0.0.0/8", None),
+        ("https", "registry.example", "*", None),
+        ("http", "registry.example", "", "plainproxy:8080"),
+    ],
+)
+def test_proxies_follow_the_environment_like_go(scheme, netloc, no_proxy, expected):
+    from ocibox.registry.transport import proxy_for
+
+    env = {"HTTPS_PROXY": "http://proxy:3128", "http_proxy": "plainproxy:8080", "NO_PROXY": no_proxy}
+    found = proxy_for(scheme, netloc, env)
+    assert (found.netloc if found else None) == expected
+
+
+def test_proxy_credentials_come_from_the_proxy_url():
+    from ocibox.registry.transport import proxy_for
+
+    found = proxy_for("https", "r.example", {"HTTPS_PROXY": "http://me:p%40ss@proxy:3128/"})
+    assert found.netloc == "proxy:3128"
+    assert found.authorization == "Basic " + base64.b64encode(b"me:p@ss").decode()

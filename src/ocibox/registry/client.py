@@ -23,6 +23,7 @@ from ocibox.errors import AuthError, IntegrityError, NotFound, RegistryError
 from ocibox.registry.auth import Authenticator, scope_for
 from ocibox.registry.transport import (
     ProtocolError,
+    ProxyError,
     RedirectError,
     Response,
     TooLarge,
@@ -53,7 +54,7 @@ INSECURE_ENV = "OCIBOX_INSECURE_REGISTRIES"
 # What a dropped or refused connection looks like: retried, then reported as the registry's fault.
 TRANSIENT = (OSError, ProtocolError)
 # What no retry or other scheme will fix.
-_UNREACHABLE = (ConnectionRefusedError, socket.gaierror, TimeoutError, Untrusted)
+_UNREACHABLE = (ConnectionRefusedError, socket.gaierror, TimeoutError, Untrusted, ProxyError)
 
 __all__ = ["RegistryClient", "Transport", "insecure_hosts_from_env", "is_loopback", "Cancelled"]
 
@@ -139,7 +140,7 @@ def _describe(exc: BaseException) -> str:
         return "unknown host"
     if isinstance(exc, TimeoutError):
         return "timed out"
-    if isinstance(exc, Untrusted):
+    if isinstance(exc, Untrusted | ProxyError | RedirectError):
         return str(exc)
     if type(exc).__name__.startswith("SSL"):
         return f"TLS error ({getattr(exc, 'reason', None) or exc})"
@@ -186,9 +187,17 @@ class RegistryClient:
             return self._base
 
     def _ping(self) -> str:
-        schemes = ["http", "https"] if self.transport.allows_plain_http(self.host) else ["https"]
+        # Loopback registries are nearly always plain HTTP: ask that first. Hosts the user named
+        # insecure are asked over TLS first, as Docker does, then plain HTTP.
+        if is_loopback(self.host):
+            schemes = ["http", "https"]
+        elif self.transport.allows_plain_http(self.host):
+            schemes = ["https", "http"]
+        else:
+            schemes = ["https"]
         last: BaseException | None = None
         for attempt in range(1, ATTEMPTS + 1):
+            fatal: BaseException | None = None
             for scheme in schemes:
                 url = f"{scheme}://{self.host}/v2/"
                 try:
@@ -196,8 +205,9 @@ class RegistryClient:
                     with response:
                         body = response.read_all(1 << 16) if response.status == 400 else b""
                 except _UNREACHABLE as exc:
-                    # Down, unknown or untrusted: the same for every scheme and every retry.
-                    raise RegistryError(f"can't reach registry {self.host}: {_describe(exc)}") from None
+                    # Down, unknown or untrusted: no retry will change that.
+                    fatal = fatal or exc
+                    continue
                 except TRANSIENT as exc:
                     last = exc
                     continue
@@ -206,6 +216,8 @@ class RegistryClient:
                 if response.status == 401:
                     self.auth.learn(response.header_values("WWW-Authenticate"))
                 return f"{scheme}://{self.host}"
+            if fatal is not None:
+                raise RegistryError(f"can't reach registry {self.host}: {_describe(fatal)}")
             if attempt < ATTEMPTS:
                 self._sleep(backoff(attempt))
         raise RegistryError(f"can't reach registry {self.host}: {_describe(last) if last else 'no answer'}")
@@ -244,7 +256,7 @@ class RegistryClient:
                 response = send()
             except (ConnectionRefusedError, socket.gaierror) as exc:
                 problem = f"can't reach registry {self.host}: {_describe(exc)}"
-            except (Untrusted, RedirectError) as exc:
+            except (Untrusted, RedirectError, ProxyError) as exc:
                 raise RegistryError(f"can't reach registry {self.host}: {_describe(exc)}") from None
             except TooLarge as exc:
                 raise RegistryError(f"{what}: {exc}") from None
@@ -312,7 +324,7 @@ class RegistryClient:
         data: bytes = response.data
         media_type = (response.header("Content-Type") or "").split(";")[0].strip()
         expected = reference if ":" in reference else response.header("Docker-Content-Digest")
-        if expected:
+        if expected and expected.partition(":")[0] in ("sha256", "sha512"):
             algorithm = expected.partition(":")[0]
             digest = _digest_of(data, algorithm)
             if digest != expected:

@@ -7,12 +7,18 @@ request at a time per connection, Content-Length or chunked bodies, keep-alive, 
 
 One connection per (thread, scheme, host); TLS verified by default, unverified (and plain HTTP)
 only for hosts the caller allows; Authorization dropped when a redirect leads to another host.
+HTTPS_PROXY / HTTP_PROXY / NO_PROXY are honoured as Go programs (docker, skopeo) do: CONNECT
+tunnels for TLS, absolute-form requests for plain HTTP, loopback hosts never proxied.
 """
 
 from __future__ import annotations
 
+import base64
+import os
 import socket
 import threading
+from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -37,6 +43,10 @@ class TooLarge(Exception):
 
 class Untrusted(Exception):
     """TLS certificate verification failed: no retry will fix it."""
+
+
+class ProxyError(Exception):
+    """The proxy is misconfigured or refused to open a tunnel."""
 
 
 class RedirectError(Exception):
@@ -106,14 +116,81 @@ def is_loopback(host: str) -> bool:
     return False
 
 
+@dataclass(frozen=True)
+class Proxy:
+    netloc: str  # host:port of an HTTP proxy
+    authorization: str | None = None  # Proxy-Authorization, from user:password in its URL
+
+
+def proxy_for(scheme: str, netloc: str, env: Mapping[str, str]) -> Proxy | None:
+    """The proxy the environment names for `scheme://netloc`, or None (NO_PROXY, loopback, unset)."""
+    if is_loopback(netloc):
+        return None
+    host = hostname(netloc).lower()
+    port = str(_host_port(netloc, scheme)[1])
+    for entry in (env.get("NO_PROXY") or env.get("no_proxy") or "").split(","):
+        entry = entry.strip().lower()
+        if not entry:
+            continue
+        if entry == "*":
+            return None
+        if "/" in entry and _in_network(host, entry):
+            return None
+        name = hostname(entry).removeprefix("*").lstrip(".")
+        entry_port = entry.rpartition(":")[2] if entry.count(":") == 1 else ""
+        if entry_port and entry_port != port:
+            continue
+        if host == name or host.endswith("." + name):
+            return None
+    names = ("HTTPS_PROXY", "https_proxy") if scheme == "https" else ("HTTP_PROXY", "http_proxy")
+    url = next((env[n] for n in names if env.get(n)), "")
+    if not url:
+        return None
+    if "://" not in url:
+        url = "http://" + url
+    proxy_scheme, proxy_netloc, _ = split_url(url)
+    if proxy_scheme != "http":
+        raise ProxyError(f"unsupported proxy {url!r}: only http:// proxies are supported")
+    userinfo, at, where = proxy_netloc.rpartition("@")
+    authorization = None
+    if at:
+        import urllib.parse
+
+        credentials = urllib.parse.unquote(userinfo).encode()
+        authorization = "Basic " + base64.b64encode(credentials).decode()
+    return Proxy(where, authorization)
+
+
+def _in_network(host: str, cidr: str) -> bool:
+    import ipaddress
+
+    try:
+        return ipaddress.ip_address(host) in ipaddress.ip_network(cidr, strict=False)
+    except ValueError:
+        return False
+
+
 class Connection:
     """One socket and the bytes already received past the last answer's head."""
 
-    def __init__(self, scheme: str, netloc: str, timeout: float, context: ssl.SSLContext | None):
+    def __init__(
+        self,
+        scheme: str,
+        netloc: str,
+        timeout: float,
+        context: ssl.SSLContext | None,
+        proxy: Proxy | None = None,
+    ):
         host, port = _host_port(netloc, scheme)
-        sock = socket.create_connection((host, port), timeout=timeout)
+        address = _host_port(proxy.netloc, "http") if proxy else (host, port)
+        sock = socket.create_connection(address, timeout=timeout)
+        self.sock = sock
+        self.pending = bytearray()
+        self.proxy = proxy if scheme == "http" else None  # plain HTTP through a proxy: absolute-form
         try:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            if proxy is not None and scheme == "https":
+                self._tunnel(netloc, host, port, proxy)
             if context is not None:
                 import ssl
 
@@ -126,9 +203,20 @@ class Connection:
             sock.close()
             raise
         self.sock = sock
-        self.pending = bytearray()
         self.used = False  # has answered at least once (then a reset may just be keep-alive expiry)
         self.busy = False
+
+    def _tunnel(self, netloc: str, host: str, port: int, proxy: Proxy) -> None:
+        target = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        lines = [f"CONNECT {target} HTTP/1.1", f"Host: {target}", f"User-Agent: {USER_AGENT}"]
+        if proxy.authorization:
+            lines.append(f"Proxy-Authorization: {proxy.authorization}")
+        self.sock.sendall(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1"))
+        status_line = self.read_head().split(b"\r\n", 1)[0].decode("latin-1")
+        parts = status_line.split(" ", 2)
+        if len(parts) < 2 or parts[1] != "200":
+            raise ProxyError(f"proxy {proxy.netloc} refused a tunnel to {netloc}: {status_line[:80]}")
+        self.pending.clear()
 
     def close(self) -> None:
         self.sock.close()
@@ -344,9 +432,10 @@ class Response:
 class Transport:
     """Requests over keep-alive connections, one per (thread, scheme, host)."""
 
-    def __init__(self, insecure_hosts=(), timeout: float = 60.0):
+    def __init__(self, insecure_hosts=(), timeout: float = 60.0, env: Mapping[str, str] | None = None):
         self.insecure_hosts = frozenset(insecure_hosts)
         self.timeout = timeout
+        self.env = os.environ if env is None else env
         self._local = threading.local()
         self._contexts: dict[bool, ssl.SSLContext] = {}  # made on first use: loading CAs takes 40 ms
         self._all: list[Connection] = []
@@ -388,7 +477,8 @@ class Transport:
             context = None
             if scheme == "https":
                 context = self._tls_context(verify=not self.allows_plain_http(netloc))
-            conn = Connection(scheme, netloc, self.timeout, context)
+            proxy = proxy_for(scheme, netloc, self.env)
+            conn = Connection(scheme, netloc, self.timeout, context, proxy)
             pool[key] = conn
             with self._lock:
                 self._all.append(conn)
@@ -440,14 +530,21 @@ class Transport:
     def _send(self, method: str, url: str, headers: dict[str, str], body: bytes | None) -> Response:
         scheme, netloc, path = split_url(url)
         key = (scheme, netloc)
-        lines = [f"{method} {path} HTTP/1.1", f"Host: {netloc}", f"User-Agent: {USER_AGENT}"]
+        lines = [f"Host: {netloc}", f"User-Agent: {USER_AGENT}"]
         lines += [f"{name}: {value}" for name, value in headers.items()]
         if body is not None or method in ("POST", "PUT", "PATCH"):
             lines.append(f"Content-Length: {len(body or b'')}")
-        request = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + (body or b"")
         for attempt in (1, 2):
             conn = self._connection(key)
             reused = conn.used
+            target = path
+            extra = []
+            if conn.proxy is not None:  # plain HTTP through a proxy: the absolute URL, its credentials
+                target = f"{scheme}://{netloc}{path}"
+                if conn.proxy.authorization:
+                    extra = [f"Proxy-Authorization: {conn.proxy.authorization}"]
+            head = "\r\n".join([f"{method} {target} HTTP/1.1", *lines, *extra]) + "\r\n\r\n"
+            request = head.encode("latin-1") + (body or b"")
             try:
                 conn.busy = True
                 conn.sock.sendall(request)
