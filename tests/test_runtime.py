@@ -522,7 +522,7 @@ def read_until(fd: int, needle: bytes, timeout: float = 10) -> bytes:
 
 
 @pytest.mark.parametrize("user", USERS)
-def test_interactive_shell_window_changes_and_ctrl_c(bundle, user):
+def test_interactive_shell_window_changes_ctrl_c_and_ctrl_z(bundle, user):
     b = bundle(["sh", "-i"], terminal=True, env=["PATH=/bin", "PS1=$ "])
     master, slave = pty.openpty()
     fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 80, 0, 0))
@@ -537,7 +537,11 @@ def test_interactive_shell_window_changes_and_ctrl_c(bundle, user):
         time.sleep(0.2)
         os.write(master, b"stty size\r")
         assert b"40 120" in read_until(master, b"40 120")
-        os.write(master, b"sleep 100\r")
+        os.write(master, b"sleep 200\r")
+        time.sleep(0.3)
+        os.write(master, b"\x1a")  # Ctrl-Z: job control works (the shell owns the terminal)
+        assert b"Stopped" in read_until(master, b"Stopped")
+        os.write(master, b"fg\r")
         time.sleep(0.3)
         os.write(master, b"\x03")  # Ctrl-C reaches sleep through the container's terminal
         os.write(master, b"echo status=$?\r")
