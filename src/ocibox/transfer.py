@@ -17,6 +17,7 @@ from ocibox.errors import IntegrityError, NotFound, OciboxError, StoreError
 from ocibox.image import (
     INDEX_TYPES,
     MANIFEST_TYPES,
+    REF_NAME,
     SCHEMA1_TYPES,
     Descriptor,
     ImageConfig,
@@ -136,7 +137,10 @@ def _pull(
     manifest_type = manifest.media_type if manifest.media_type in MANIFEST_TYPES else media_type
     descriptor = Descriptor(manifest_type, digest, len(data), annotations, image_platform)
     name = str(ref)
-    store.tag(name, descriptor)
+    if store.lookup(name) == descriptor.with_annotations({**(annotations or {}), REF_NAME: name}):
+        store.mark_used(digest)  # already tagged so: no index.json rewrite (and its fsyncs)
+    else:
+        store.tag(name, descriptor)
 
     downloaded = [d for d in fetched if d is not None]
     progress.message(f"Digest: {index_docs[0][0] if index_docs else digest}")
