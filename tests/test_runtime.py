@@ -714,3 +714,24 @@ def test_file_volume_onto_a_dangling_symlink(bundle, base_dir, images, user):
     r = run_runtime(b, user)
     assert (r.returncode, r.stdout) == (0, "nameserver 192.0.2.53\n" * 2), r.stderr
     assert not (images[user] / "run").exists()
+
+
+@pytest.mark.parametrize("user", USERS)
+def test_host_files_are_reachable_only_through_volumes(bundle, base_dir, user):
+    vol = owned_dir(base_dir, user)
+    (vol / "shared").write_text("shared\n")
+    (vol / "shared").chmod(0o644)
+    b = bundle(
+        sh(f"ls -a / | tr '\\n' ' '; echo; cat /vol/shared; ls {base_dir} {RUNTIME} /oldroot 2>&1 | wc -l")
+    )
+    b.config["mounts"].append(
+        {"destination": "/vol", "type": "bind", "source": str(vol), "options": ["rbind"]}
+    )
+    b.write()
+    r = run_runtime(b, user)
+    assert r.returncode == 0, r.stderr
+    top, shared, errors = r.stdout.splitlines()
+    assert (
+        top.split() == sorted(top.split(), key=lambda n: n) and "oldroot" not in top and "newroot" not in top
+    )
+    assert (shared, errors.strip()) == ("shared", "3")  # three "No such file or directory"
