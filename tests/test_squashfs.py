@@ -782,6 +782,7 @@ def test_bad_trees_are_refused_with_one_line(tmp_path):
     assert "longer than 256" in attempt(Dir(entries={"x" * 257: Fifo()}))
     assert "namespace" in attempt(Dir(entries={"f": Fifo(xattrs={"system.posix_acl_access": b""})}))
     assert "out of range" in attempt(Dir(entries={"f": Fifo(uid=-1)}))
+    assert "symlink target" in attempt(Dir(entries={"l": Symlink(target="x" * 4097)}))
     loop = Dir()
     loop.entries["self"] = loop
     assert "twice" in attempt(Dir(entries={"loop": loop}))

@@ -79,7 +79,7 @@ class SquashfsError(OciboxError):
 # The tree: what `finish` writes. Names are str (file system encoding) or bytes.
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class DataRef:
     """Where a file's contents are in the image; returned by `SquashfsWriter.add_data`.
 
@@ -395,7 +395,7 @@ class SquashfsWriter:
         self._drain()
         self.close()
         meta = _compressor(self.compression, self.level)
-        tables = _Tables(meta, self.block_size)
+        tables = _Tables(meta)
         root_ref, inode_count = tables.write_tree(root)
 
         inode_table = self._pos
@@ -454,8 +454,7 @@ class SquashfsWriter:
 class _Tables:
     """Inode, directory, id and xattr tables of one tree, built in memory by `write_tree`."""
 
-    def __init__(self, compress: Callable[[bytes], bytes], block_size: int) -> None:
-        self.block_size = block_size
+    def __init__(self, compress: Callable[[bytes], bytes]) -> None:
         self.inodes = _Metadata(compress)
         self.dirs = _Metadata(compress)
         self.xattrs = _Metadata(compress)
@@ -514,8 +513,8 @@ class _Tables:
                 self.inodes.write(self._header(T_FILE, node, number) + body + sizes)
         elif isinstance(node, Symlink):
             target = _to_bytes(node.target)
-            if not target:
-                raise SquashfsError("squashfs: empty symlink target")
+            if not 0 < len(target) <= 4096:  # the kernel's limit
+                raise SquashfsError(f"squashfs: symlink target of {len(target)} bytes (1 to 4096 allowed)")
             body = struct.pack("<II", nlink, len(target)) + target + (U32.pack(xattr) if ext else b"")
             self.inodes.write(self._header(T_SYMLINK + EXTENDED * ext, node, number) + body)
         elif isinstance(node, Device):
