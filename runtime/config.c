@@ -298,12 +298,22 @@ static void parse_resources(struct config *cfg, json_t *lx)
     json_t *res = get_obj(lx, "resources");
     if (!res)
         return;
+    /* limits this runtime can't apply are refused rather than ignored */
+    static const char *const unsupported[] = {"blockIO", "hugepageLimits", "rdma", "network", "unified"};
+    for (size_t i = 0; i < sizeof unsupported / sizeof unsupported[0]; i++) {
+        json_t *v = json_object_get(res, unsupported[i]);
+        if (v && !json_is_null(v) && !(json_is_object(v) && json_object_size(v) == 0) &&
+            !(json_is_array(v) && json_array_size(v) == 0))
+            bad(xasprintf("linux.resources.%s is not supported by this runtime", unsupported[i]));
+    }
     json_t *mem = get_obj(res, "memory");
     if (mem) {
         r->mem_limit = get_int(mem, "limit", -1);
         r->mem_reservation = get_int(mem, "reservation", -1);
         r->mem_swap = get_int(mem, "swap", -1);
         r->swappiness = get_int(mem, "swappiness", -1);
+        if (get_int(mem, "kernel", -1) >= 0 || get_int(mem, "kernelTCP", -1) >= 0)
+            bad("linux.resources.memory.kernel and kernelTCP are not supported by this runtime");
         /* docker writes swappiness as uint64 max to mean "unset" */
         if (r->swappiness > 100)
             r->swappiness = -1;

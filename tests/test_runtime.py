@@ -735,3 +735,12 @@ def test_host_files_are_reachable_only_through_volumes(bundle, base_dir, user):
         top.split() == sorted(top.split(), key=lambda n: n) and "oldroot" not in top and "newroot" not in top
     )
     assert (shared, errors.strip()) == ("shared", "3")  # three "No such file or directory"
+
+
+def test_a_resource_the_runtime_cannot_limit_is_refused(bundle):
+    b = bundle(["true"])
+    b.config["linux"]["resources"] = {"blockIO": {"weight": 300}}
+    b.write()
+    r = run_runtime(b)
+    assert r.returncode == 125
+    assert r.stderr.endswith("config.json: linux.resources.blockIO is not supported by this runtime\n")
