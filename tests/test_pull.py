@@ -516,3 +516,22 @@ def test_blob_redirects_are_followed_without_sending_credentials_elsewhere(
     assert_complete(ocibox.root, f"{reg.host}/app:latest", image.digest)
     assert any("Authorization" in headers for _, path, headers in reg.requests if "/blobs/" in path)
     assert storage.requests and all("Authorization" not in headers for _, _, headers in storage.requests)
+
+
+def test_an_artifact_that_is_not_an_image_is_refused_before_any_download(ocibox, tiny_registries):
+    tiny = tiny_registries()
+    chart = {
+        "schemaVersion": 2,
+        "mediaType": "application/vnd.oci.image.manifest.v1+json",
+        "config": {
+            "mediaType": "application/vnd.cncf.helm.config.v1+json",
+            "digest": "sha256:" + "1" * 64,
+            "size": 2,
+        },
+        "layers": [],
+    }
+    oci = "application/vnd.oci.image.manifest.v1+json"
+    tiny.routes["/v2/chart/manifests/1.0"] = (200, {"Content-Type": oci}, json.dumps(chart).encode())
+    result = ocibox("pull", f"{tiny.host}/chart:1.0", check=False)
+    assert_one_error(result, "is not a container image", "application/vnd.cncf.helm.config.v1+json")
+    assert not any("/blobs/" in path for _, path, _ in tiny.requests)

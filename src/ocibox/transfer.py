@@ -15,10 +15,11 @@ from dataclasses import dataclass
 
 from ocibox.errors import IntegrityError, NotFound, OciboxError, StoreError
 from ocibox.image import (
+    DOCKER_CONFIG,
     INDEX_TYPES,
     MANIFEST_TYPES,
+    OCI_CONFIG,
     REF_NAME,
-    SCHEMA1_TYPES,
     Descriptor,
     ImageConfig,
     Index,
@@ -32,6 +33,7 @@ from ocibox.store import SOURCE_INDEX, Store
 
 DEFAULT_JOBS = 6  # parallel blob downloads, like podman's default
 MAX_INDEX_DEPTH = 4
+CONFIG_TYPES = (OCI_CONFIG, DOCKER_CONFIG)
 
 
 @dataclass
@@ -158,13 +160,14 @@ def _pull(
 
 
 def _parse(data: bytes, media_type: str, ref: Reference) -> Manifest | Index:
-    if media_type in SCHEMA1_TYPES:
-        # parse_manifest says the same from the document; the header alone is enough to refuse.
-        parse_manifest(data, media_type)
+    """The manifest or index; schema 1 and non-image artifacts (Helm charts, signatures…) refused."""
     node = parse_manifest(data, media_type or None)
     kind = node.media_type
     if kind not in MANIFEST_TYPES + INDEX_TYPES:
-        raise IntegrityError(f"{ref.familiar} is not an image (manifest type {kind})")
+        raise IntegrityError(f"{ref.familiar} is not a container image (manifest type {kind})")
+    if isinstance(node, Manifest) and node.config.media_type not in CONFIG_TYPES:
+        config_type = node.config.media_type
+        raise IntegrityError(f"{ref.familiar} is not a container image (config type {config_type})")
     return node
 
 
