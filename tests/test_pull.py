@@ -535,3 +535,29 @@ def test_an_artifact_that_is_not_an_image_is_refused_before_any_download(ocibox,
     result = ocibox("pull", f"{tiny.host}/chart:1.0", check=False)
     assert_one_error(result, "is not a container image", "application/vnd.cncf.helm.config.v1+json")
     assert not any("/blobs/" in path for _, path, _ in tiny.requests)
+
+
+def test_ctrl_c_during_a_pull_stops_it_cleanly(ocibox, images, fault_proxy):
+    import signal
+    import time
+
+    images["busybox"]
+    fault_proxy.fail(503, times=None, path="/blobs/")  # the pull waits between retries
+    ctx = ocibox.context()
+    proc = subprocess.Popen(
+        [*ctx.command, "pull", fault_proxy.ref("busybox")],
+        env=ctx.env,
+        cwd=ctx.home,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    deadline = time.monotonic() + 60
+    while not fault_proxy.blob_gets() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130
+    assert err.strip().splitlines()[-1] == "ocibox: interrupted"
+    assert leftovers(ocibox.root) == []
+    assert list((ocibox.root / "blobs" / "sha256").iterdir()) == []
