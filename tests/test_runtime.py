@@ -508,6 +508,28 @@ def test_same_as_runc(bundle, args, process):
     assert (ours.returncode, ours.stdout) == (theirs.returncode, theirs.stdout), ours.stderr + theirs.stderr
 
 
+@pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("runc"), reason="needs root and runc")
+def test_same_mounts_as_runc_with_volumes_tmpfs_and_no_network(bundle, base_dir, images):
+    vol = owned_dir(base_dir, "root")
+    (vol / "f").write_text("host file\n")
+    probe = "grep -E ' /(vol|scratch|data) ' /proc/mounts | cut -d' ' -f2,4 | cut -d, -f1; cat /data/f; ls /sys/class/net"
+    b = bundle(sh(f"{probe}; {PROBE}"))
+    # runc makes the mount points in the image itself: give it a copy
+    shutil.copytree(images["root"], b.dir / "rootfs", symlinks=True)
+    b.config["root"] = {"path": "rootfs", "readonly": True}
+    b.config["linux"]["namespaces"].append({"type": "network"})
+    b.config["mounts"] += [
+        {"destination": "/vol", "type": "bind", "source": str(vol), "options": ["rbind", "rw"]},
+        {"destination": "/data", "type": "bind", "source": str(vol), "options": ["rbind", "ro"]},
+        {"destination": "/scratch", "type": "tmpfs", "source": "tmpfs", "options": ["nosuid", "size=1m"]},
+    ]
+    b.write()
+    ours, theirs = run_runtime(b), run_runc(b)
+    assert ours.returncode == theirs.returncode == 0, ours.stderr + theirs.stderr
+    assert ours.stdout == theirs.stdout
+    assert ours.stdout.startswith("/vol rw\n/data ro\n/scratch rw\nhost file\nlo\n")
+
+
 def read_until(fd: int, needle: bytes, timeout: float = 10) -> bytes:
     out = b""
     deadline = time.monotonic() + timeout
