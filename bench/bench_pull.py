@@ -67,7 +67,12 @@ def main() -> int:
         skopeo_copy(f"oci:{built.path}:{args.image}", registry, f"{args.image}:latest", "--preserve-digests")
         ref = registry.ref(args.image)
         facts = built.facts[args.image]
-        env = dict(os.environ, PYTHONPATH=str(REPO / "src"))
+        # ocibox as `pip install` leaves it: a copy of the package with its bytecode compiled
+        # (this environment sets PYTHONDONTWRITEBYTECODE, so the tree in the repo has none).
+        src = work / "src"
+        shutil.copytree(REPO / "src" / "ocibox", src / "ocibox")
+        subprocess.run([PYTHON, "-m", "compileall", "-q", str(src)], check=True)
+        env = dict(os.environ, PYTHONPATH=str(src))
         ocibox = [PYTHON, "-m", "ocibox", "pull", "-q", ref]
         skopeo = ["skopeo", "copy", "-q", "--src-tls-verify=false", f"docker://{ref}"]
 
