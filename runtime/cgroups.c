@@ -198,10 +198,25 @@ static void apply_v2(pid_t pid, const struct config *cfg, const char *id, bool r
                      struct cgroup_state *st)
 {
     const struct resources *r = &cfg->res;
-    char *dir = group_dir(CGROOT, "", cfg, id);
+    /* Controllers can only be enabled for a group's children when the group itself holds no
+     * process (and ours holds the caller). So the container's group goes under a parent without
+     * processes: /sys/fs/cgroup/ocibox as root, the parent of the caller's own group (a delegated
+     * subtree, when there is one) rootless; or the config's absolute cgroupsPath. */
+    char *dir;
+    if (cfg->cgroups_path && cfg->cgroups_path[0] == '/') {
+        dir = xasprintf(CGROOT "%s", cfg->cgroups_path);
+    } else if (!rootless) {
+        if (mkdir(CGROOT "/ocibox", 0755) < 0 && errno != EEXIST)
+            fail(st, CGROOT "/ocibox", NULL);
+        dir = xasprintf(CGROOT "/ocibox/%s", cfg->cgroups_path ? cfg->cgroups_path : id);
+    } else {
+        char *own = own_cgroup("");
+        *strrchr(own, '/') = '\0';
+        dir = xasprintf(CGROOT "%s/%s", own, cfg->cgroups_path ? cfg->cgroups_path : id);
+        free(own);
+    }
     char *parent = xasprintf("%s", dir);
     *strrchr(parent, '/') = '\0';
-    make_group(st, dir, rootless);
     const char *needed[4] = {NULL};
     size_t n = 0;
     if (r->mem_limit >= 0 || r->mem_reservation >= 0 || r->mem_swap >= 0)
@@ -212,17 +227,26 @@ static void apply_v2(pid_t pid, const struct config *cfg, const char *id, bool r
         needed[n++] = "cpuset";
     if (r->pids_limit > 0)
         needed[n++] = "pids";
-    for (size_t i = 0; i < n; i++) {
-        char *plus = xasprintf("+%s", needed[i]);
-        char *sub = xasprintf("%s/cgroup.subtree_control", parent);
-        if (try_write_file(sub, plus) < 0) {
-            fail(st, sub,
-                 xasprintf("can't enable the %s controller: %s%s", needed[i], strerror(errno),
-                           rootless ? " (the cgroup is not delegated to this user)" : ""));
+    /* enable them in every group from the root down to the parent (rootless: where we may) */
+    size_t end = strlen(CGROOT);
+    for (;;) {
+        bool last = end == strlen(parent);
+        char *sub = xasprintf("%.*s/cgroup.subtree_control", (int)end, parent);
+        for (size_t i = 0; i < n; i++) {
+            char *plus = xasprintf("+%s", needed[i]);
+            if (try_write_file(sub, plus) < 0 && (last || !rootless))
+                fail(st, sub,
+                     xasprintf("can't enable the %s controller: %s%s", needed[i], strerror(errno),
+                               rootless ? " (the cgroup is not delegated to this user)" : ""));
+            free(plus);
         }
-        free(plus);
         free(sub);
+        if (last)
+            break;
+        char *next = strchr(parent + end + 1, '/');
+        end = next ? (size_t)(next - parent) : strlen(parent);
     }
+    make_group(st, dir, rootless);
     if (r->mem_limit >= 0)
         set_value(st, dir, "memory.max", num(r->mem_limit), NULL);
     if (r->mem_reservation >= 0)

@@ -766,3 +766,21 @@ def test_a_resource_the_runtime_cannot_limit_is_refused(bundle):
     r = run_runtime(b)
     assert r.returncode == 125
     assert r.stderr.endswith("config.json: linux.resources.blockIO is not supported by this runtime\n")
+
+
+def test_cgroup_v2_without_the_controller_says_why(bundle):
+    """On a cgroup v2 host (here: a private cgroup2 mount, whose controllers this hybrid host
+    keeps in v1), a memory limit that can't be enabled fails with the reason."""
+    b = bundle(["true"])
+    b.config["linux"]["resources"] = {"memory": {"limit": 32 << 20}}
+    b.write()
+    script = f"mount -t cgroup2 none /sys/fs/cgroup && exec {RUNTIME} run --bundle {b.dir} v2-test"
+    r = subprocess.run(["unshare", "-m", "sh", "-c", script], capture_output=True, text=True, cwd="/")
+    made = Path("/sys/fs/cgroup/unified/ocibox")  # the same v2 hierarchy, seen from the host
+    if made.exists():
+        made.rmdir()
+    assert r.returncode == 125
+    assert r.stderr == (
+        "ocibox-runtime: cgroups: /sys/fs/cgroup/cgroup.subtree_control: "
+        "can't enable the memory controller: No such file or directory\n"
+    )
