@@ -601,3 +601,91 @@ def test_proxy_credentials_come_from_the_proxy_url():
     found = proxy_for("https", "r.example", {"HTTPS_PROXY": "http://me:p%40ss@proxy:3128/"})
     assert found.netloc == "proxy:3128"
     assert found.authorization == "Basic " + base64.b64encode(b"me:p@ss").decode()
+
+
+# --- the HTTP/1.1 transport against a scripted server: body framings and keep-alive -------------
+
+
+class ScriptedServer:
+    """Answers each request on a connection with the next raw answer of `answers` (bytes), then
+    closes the connection when the answer is followed by None. Counts connections."""
+
+    def __init__(self, answers: list):
+        import socket
+        import threading
+
+        self.answers = list(answers)
+        self.connections = 0
+        self.requests: list[bytes] = []
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.host = f"127.0.0.1:{self.listener.getsockname()[1]}"
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                conn, _ = self.listener.accept()
+            except OSError:
+                return
+            self.connections += 1
+            with conn:
+                while self.answers:
+                    head = b""
+                    while b"\r\n\r\n" not in head:
+                        chunk = conn.recv(65536)
+                        if not chunk:
+                            break
+                        head += chunk
+                    if not head:
+                        break
+                    self.requests.append(head)
+                    conn.sendall(self.answers.pop(0))
+                    if self.answers and self.answers[0] is None:
+                        self.answers.pop(0)
+                        break
+
+    def close(self) -> None:
+        self.listener.close()
+
+
+def _get(transport: Transport, host: str, path: str = "/x") -> tuple[int, bytes]:
+    with transport.request("GET", f"http://{host}{path}") as response:
+        return response.status, response.read_all(1 << 20)
+
+
+def test_chunked_answers_are_decoded():
+    body = b"7\r\nchunked\r\n1;ext=1\r\n!\r\n0\r\nTrailer: x\r\n\r\n"
+    server = ScriptedServer([b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n" + body])
+    assert _get(Transport(), server.host) == (200, b"chunked!")
+    server.close()
+
+
+def test_an_answer_without_length_ends_when_the_server_closes():
+    server = ScriptedServer([b"HTTP/1.0 200 OK\r\n\r\nuntil close", None])
+    assert _get(Transport(), server.host) == (200, b"until close")
+    server.close()
+
+
+def test_keep_alive_reuses_the_connection_and_survives_an_idle_close():
+    ok = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
+    server = ScriptedServer([ok, ok, None, ok])  # the server drops the connection after two answers
+    transport = Transport()
+    assert [_get(transport, server.host) for _ in range(3)] == [(200, b"ok")] * 3
+    assert server.connections == 2
+    server.close()
+
+
+def test_redirects_to_another_host_drop_the_authorization_header():
+    target = ScriptedServer([b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\nblob"])
+    origin = ScriptedServer(
+        [
+            f"HTTP/1.1 307 Temporary Redirect\r\nLocation: http://{target.host}/b\r\n"
+            "Content-Length: 0\r\n\r\n".encode()
+        ]
+    )
+    with Transport().request("GET", f"http://{origin.host}/a", {"Authorization": "Bearer t"}) as response:
+        assert (response.status, response.read_all(100)) == (200, b"blob")
+    assert b"Authorization: Bearer t" in origin.requests[0]
+    assert b"Authorization" not in target.requests[0]
+    origin.close()
+    target.close()
