@@ -59,7 +59,7 @@ _Noreturn void container_main(const struct config *cfg, const struct rootfs_opts
         ;
     if (n != 1)
         _exit(EXIT_RUNTIME); /* the caller failed and said why */
-    bool setgroups_denied = go == 'D';
+    bool setgroups_denied = go == 'D' || setgroups_is_denied();
     if (opts->userns) {
         /* become the namespace's root: as real root mapped elsewhere, our ids are still unmapped */
         if (!setgroups_denied && setgroups(0, NULL) < 0)

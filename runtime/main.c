@@ -170,8 +170,14 @@ int main(int argc, char **argv)
         die("start", "socketpair");
     fflush(NULL);
     pid_t pid = (pid_t)syscall(SYS_clone, flags | SIGCHLD, NULL, NULL, NULL, NULL);
-    if (pid < 0)
-        die("start", xasprintf("clone (namespaces 0x%x)", flags));
+    if (pid < 0) {
+        int saved = errno;
+        char *what = xasprintf("clone (namespaces 0x%x)", flags);
+        errno = saved;
+        if (flags & CLONE_NEWUSER)
+            die_userns("start", what);
+        die("start", what);
+    }
     if (pid == 0) {
         close(sv[0]);
         set_title(argc, argv, "ocibox-init");

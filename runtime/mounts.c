@@ -197,7 +197,7 @@ static char *without_option(const char *data, const char *prefix)
     return out;
 }
 
-static void typed_mount(int rootfd, const struct mount_cfg *m, bool userns)
+static void typed_mount(int rootfd, const struct mount_cfg *m)
 {
     mkdir_in_root(rootfd, m->dest, false);
     int fd = open_in_root(rootfd, m->dest, O_PATH);
@@ -206,7 +206,7 @@ static void typed_mount(int rootfd, const struct mount_cfg *m, bool userns)
     char *target = fd_path(fd);
     const char *source = m->source ? m->source : m->type;
     int r = mount(source, target, m->type, m->flags & ~MS_REMOUNT, m->data);
-    if (r < 0 && userns) {
+    if (r < 0) {
         /* What a user namespace may not mount fresh comes from the host instead. */
         int saved = errno;
         if (strcmp(m->type, "devpts") == 0 && m->data && strstr(m->data, "gid=")) {
@@ -248,7 +248,7 @@ static void typed_mount(int rootfd, const struct mount_cfg *m, bool userns)
     free(target);
 }
 
-void mounts_apply(const struct config *cfg, int rootfd, bool userns)
+void mounts_apply(const struct config *cfg, int rootfd)
 {
     for (size_t i = 0; i < cfg->nmounts; i++) {
         const struct mount_cfg *m = &cfg->mounts[i];
@@ -257,7 +257,7 @@ void mounts_apply(const struct config *cfg, int rootfd, bool userns)
             bind_into(rootfd, src, m->dest, m->recursive, m->flags, m->propagation);
             free(src);
         } else {
-            typed_mount(rootfd, m, userns);
+            typed_mount(rootfd, m);
         }
     }
 }

@@ -96,6 +96,9 @@ struct idmapping_result {
     bool setgroups_denied; /* single mapping written by ourselves: setgroups(2) unavailable */
 };
 void userns_map(pid_t pid, const struct config *cfg, bool rootless, struct idmapping_result *out);
+const char *userns_hint(void);                  /* the sysctl that blocks user namespaces, or NULL */
+_Noreturn void die_userns(const char *step, const char *path); /* die(), plus that hint */
+bool setgroups_is_denied(void);
 
 /* ---- caps.c ---- */
 int cap_from_name(const char *name); /* -1 if unknown */
@@ -124,7 +127,7 @@ void rootfs_setup(const struct config *cfg, const struct rootfs_opts *opts);
 /* ---- mounts.c ---- */
 #define HOST "/oldroot" /* where the host's root is visible while the new root is built */
 #define NEWROOT "/newroot"
-void mounts_apply(const struct config *cfg, int rootfd, bool userns);
+void mounts_apply(const struct config *cfg, int rootfd);
 void mounts_devices(const struct config *cfg, int rootfd, bool userns);
 void mounts_mask(const struct config *cfg, int rootfd);
 int open_in_root(int rootfd, const char *path, int flags);

@@ -79,9 +79,9 @@ static void mkdir_host(const char *path)
 static void make_scratch_root(void)
 {
     if (mount(NULL, "/", NULL, MS_REC | MS_SLAVE, NULL) < 0)
-        die("mount namespace", "/");
+        die_userns("mount namespace", "/");
     if (mount("tmpfs", SCRATCH, "tmpfs", MS_NOSUID | MS_NODEV, "mode=0755") < 0)
-        die("rootfs", SCRATCH);
+        die_userns("rootfs", SCRATCH);
     static const char *const dirs[] = {SCRATCH "/oldroot", SCRATCH "/newroot", SCRATCH "/upper",
                                        SCRATCH "/work"};
     for (size_t i = 0; i < sizeof dirs / sizeof dirs[0]; i++)
@@ -191,7 +191,7 @@ void rootfs_setup(const struct config *cfg, const struct rootfs_opts *opts)
     int rootfd = open(NEWROOT, O_PATH | O_DIRECTORY | O_CLOEXEC);
     if (rootfd < 0)
         die("rootfs", NEWROOT);
-    mounts_apply(cfg, rootfd, opts->userns);
+    mounts_apply(cfg, rootfd);
     mounts_devices(cfg, rootfd, opts->userns);
     mkdir_in_root(rootfd, cfg->cwd, false);
     apply_sysctls(cfg, rootfd);

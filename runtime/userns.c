@@ -115,8 +115,58 @@ static void write_map(pid_t pid, const char *which, const struct idmap *maps, si
         len += (size_t)snprintf(buf + len, sizeof buf - len, "%lu %lu %lu\n", maps[i].inside,
                                 maps[i].outside, maps[i].count);
     char *path = xasprintf("/proc/%d/%s", pid, which);
-    write_file("userns", path, buf);
+    if (try_write_file(path, buf) < 0)
+        die_userns("userns", path);
     free(path);
+}
+
+static long read_sysctl(const char *path)
+{
+    long v = -1;
+    FILE *f = fopen(path, "re");
+    if (f) {
+        if (fscanf(f, "%ld", &v) != 1)
+            v = -1;
+        fclose(f);
+    }
+    return v;
+}
+
+/* When the kernel refuses user namespaces, the setting that does it and how to change it. */
+const char *userns_hint(void)
+{
+    if (read_sysctl("/proc/sys/kernel/unprivileged_userns_clone") == 0)
+        return "unprivileged user namespaces are disabled; enable them with "
+               "`sudo sysctl -w kernel.unprivileged_userns_clone=1`";
+    if (read_sysctl("/proc/sys/kernel/apparmor_restrict_unprivileged_userns") == 1)
+        return "AppArmor restricts unprivileged user namespaces; allow them with "
+               "`sudo sysctl -w kernel.apparmor_restrict_unprivileged_userns=0`";
+    if (read_sysctl("/proc/sys/user/max_user_namespaces") == 0)
+        return "user namespaces are disabled (user.max_user_namespaces is 0); enable them with "
+               "`sudo sysctl -w user.max_user_namespaces=15000`";
+    return NULL;
+}
+
+void die_userns(const char *step, const char *path)
+{
+    int saved = errno;
+    const char *hint = userns_hint();
+    errno = saved;
+    if (!hint)
+        die(step, path);
+    die_msg(step, path, xasprintf("%s: %s", strerror(saved), hint));
+}
+
+/* setgroups(2) is denied in this user namespace (by us, or by whoever made an outer one). */
+bool setgroups_is_denied(void)
+{
+    char buf[16] = "";
+    FILE *f = fopen("/proc/self/setgroups", "re");
+    if (!f)
+        return false;
+    bool denied = fgets(buf, sizeof buf, f) && strncmp(buf, "deny", 4) == 0;
+    fclose(f);
+    return denied;
 }
 
 static bool is_self_only(const struct idmap *maps, size_t n, unsigned long self)

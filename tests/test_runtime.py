@@ -784,3 +784,25 @@ def test_cgroup_v2_without_the_controller_says_why(bundle):
         "ocibox-runtime: cgroups: /sys/fs/cgroup/cgroup.subtree_control: "
         "can't enable the memory controller: No such file or directory\n"
     )
+
+
+def in_outer_userns(script: str) -> subprocess.CompletedProcess:
+    """The test user runs `script` as root of its own user namespace (as inside another rootless tool)."""
+    argv = as_user_argv(["unshare", "--user", "--map-root-user", "sh", "-c", script], TEST_USER)
+    return subprocess.run(argv, capture_output=True, text=True, cwd="/")
+
+
+def test_inside_another_user_namespace(bundle):
+    b = bundle(sh("id -u; ls /dev/pts"))
+    r = in_outer_userns(f"{RUNTIME} run --bundle {b.dir}")
+    assert (r.returncode, r.stdout) == (0, "0\nptmx\n"), r.stderr
+
+
+def test_user_namespaces_disabled_prints_the_sysctl(bundle):
+    b = bundle(["true"])
+    b.config["linux"]["namespaces"].append({"type": "user"})
+    b.write()
+    r = in_outer_userns(f"echo 0 > /proc/sys/user/max_user_namespaces && exec {RUNTIME} run --bundle {b.dir}")
+    assert r.returncode == 125
+    assert r.stderr.startswith("ocibox-runtime: start: clone (namespaces ")
+    assert r.stderr.endswith("`sudo sysctl -w user.max_user_namespaces=15000`\n")
