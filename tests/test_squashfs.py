@@ -165,6 +165,7 @@ def build_model(writer: SquashfsWriter) -> tuple[Dir, dict[str, bytes]]:
     )
     place("files/xattrs-same", File(data=writer.add_data(io.BytesIO(b""), 0), xattrs={"user.a": b"1"}))
     place("links/xattr-link", Symlink(target="original", xattrs={"trusted.sym": b"link"}))
+    place("links/same-xattrs", Fifo(xattrs={"user.linked": b"yes"}))  # shares one xattr table entry
     contents["files/xattrs-same"] = b""
     return root, contents
 
