@@ -126,8 +126,9 @@ def test_pull_of_an_index_takes_the_host_platform_and_keeps_the_index(ocibox, im
     assert entry["platform"] == {"architecture": "amd64", "os": "linux"}
     assert entry["mediaType"] == amd64.media_type
     index = json.loads(blob(root, image.digest))  # the index itself, for `save`
-    if name == "multiarch":
-        oci_schema.validate(index, "index")
+    oci_schema.validate(index, "index")
+    oci_schema.validate(json.loads(blob(root, amd64.digest)), "manifest")
+    oci_schema.validate(json.loads(blob(root, amd64.config_digest)), "config")
     assert not has_blob(root, image.manifests["linux/arm64/v8"].config_digest)
 
 

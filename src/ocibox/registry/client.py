@@ -208,7 +208,7 @@ class RegistryClient:
                     # Down, unknown or untrusted: no retry will change that.
                     fatal = fatal or exc
                     continue
-                except TRANSIENT as exc:
+                except (*TRANSIENT, TooLarge) as exc:
                     last = exc
                     continue
                 if scheme == "http" and response.status == 400 and b"HTTPS" in body.upper():
