@@ -165,7 +165,10 @@ def build_model(writer: SquashfsWriter) -> tuple[Dir, dict[str, bytes]]:
     )
     place("files/xattrs-same", File(data=writer.add_data(io.BytesIO(b""), 0), xattrs={"user.a": b"1"}))
     place("links/xattr-link", Symlink(target="original", xattrs={"trusted.sym": b"link"}))
-    place("links/same-xattrs", Fifo(xattrs={"user.linked": b"yes"}))  # shares one xattr table entry
+    # Another inode with the same attributes shares their table entry. (Linux allows user.*
+    # attributes on files and directories only.)
+    place("links/same-xattrs", File(data=writer.add_data(io.BytesIO(b""), 0), xattrs={"user.linked": b"yes"}))
+    contents["links/same-xattrs"] = b""
     contents["files/xattrs-same"] = b""
     return root, contents
 
