@@ -67,6 +67,10 @@ _Noreturn void container_main(const struct config *cfg, const struct rootfs_opts
         if (setresgid(0, 0, 0) < 0 || setresuid(0, 0, 0) < 0)
             die("userns", "container root (uid 0) is not mapped");
     }
+    /* out of the caller's session: keys typed at the caller's terminal signal the caller only, which
+     * forwards them once (otherwise init, in the same foreground group, would get them twice) */
+    if (setsid() < 0)
+        die("init", "setsid");
     /* if the caller dies, so does the container (set after the id change, which would clear it) */
     if (prctl(PR_SET_PDEATHSIG, SIGKILL, 0, 0, 0) < 0)
         die("init", "pdeathsig");

@@ -806,3 +806,35 @@ def test_user_namespaces_disabled_prints_the_sysctl(bundle):
     assert r.returncode == 125
     assert r.stderr.startswith("ocibox-runtime: start: clone (namespaces ")
     assert r.stderr.endswith("`sudo sysctl -w user.max_user_namespaces=15000`\n")
+
+
+@pytest.mark.parametrize("user", USERS)
+def test_ctrl_c_at_the_callers_terminal_reaches_the_process_once(bundle, user):
+    """Without -t: the caller's terminal signals the runtime, which forwards once."""
+    b = bundle(sh("trap 'echo INT' INT; echo ready; while :; do sleep 0.1; done"))
+    master, slave = pty.openpty()
+
+    def own_terminal():
+        fcntl.ioctl(0, termios.TIOCSCTTY, 0)
+
+    argv = as_user_argv([str(RUNTIME), "run", "--bundle", str(b.dir)], user)
+    proc = subprocess.Popen(
+        argv,
+        stdin=slave,
+        stdout=slave,
+        stderr=slave,
+        cwd="/",
+        start_new_session=True,
+        preexec_fn=own_terminal,
+    )
+    try:
+        assert b"ready" in read_until(master, b"ready")
+        os.write(master, b"\x03")
+        out = read_until(master, b"never", timeout=1)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=10) == 128 + signal.SIGTERM
+        assert out.count(b"INT\r\n") == 1, out
+    finally:
+        proc.kill()
+        os.close(slave)
+        os.close(master)
