@@ -7,7 +7,9 @@
 
 Contents are read once and never kept: full blocks are compressed by a thread pool (zstandard and
 zlib release the GIL) and written in submission order; tails of files share fragment blocks;
-blocks of zeros become sparse blocks; identical files are stored once. The tree (a small model of
+blocks of zeros become sparse blocks; identical files are stored once; blocks that a quick zstd
+level-1 pass can't shrink by 2% are stored as they are (probe=False tries the full level on
+everything). `add_data` and `finish` are called from one thread. The tree (a small model of
 dataclasses: Dir, File, Symlink, Device, Fifo, Socket) is only needed by `finish`. The same node
 object placed at several paths is one inode with nlink > 1 (a hard link).
 
