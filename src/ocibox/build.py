@@ -278,12 +278,12 @@ class _NewBlobs:
         self.store = store
         self.paths: dict[str, Path] = {}
 
-    def put(self, data: bytes) -> Descriptor:
+    def put(self, data: bytes, media_type: str) -> Descriptor:
         digest = sha256_digest(data)
         path = self.tmp_dir / digest_hex(digest)
         path.write_bytes(data)
         self.paths[digest] = path
-        return Descriptor("", digest, len(data))
+        return Descriptor(media_type, digest, len(data))
 
     def blob_path(self, digest: str) -> Path:
         if digest in self.paths:
@@ -442,18 +442,18 @@ def _assemble(
         }
     )
     config_raw = canonical_json(config)
-    config_desc = blobs.put(config_raw)
+    config_desc = blobs.put(config_raw, config_type)
     manifest: dict[str, Any] = {
         "schemaVersion": 2,
         "mediaType": manifest_type,
-        "config": Descriptor(config_type, config_desc.digest, config_desc.size).to_json(),
+        "config": config_desc.to_json(),
         "layers": [d.to_json() for d in base_layers],
     }
     manifest["layers"].append(Descriptor(layer_type, layer.digest, layer.size).to_json())
     if base is not None and manifest_type == OCI_MANIFEST:
         manifest["annotations"] = {BASE_DIGEST: base.manifest_digest, BASE_NAME: base.name}
     manifest_raw = canonical_json(manifest)
-    blobs.put(manifest_raw)
+    blobs.put(manifest_raw, manifest_type)
     parsed = parse_manifest(manifest_raw)
     assert isinstance(parsed, Manifest)
     return Image(name, sha256_digest(manifest_raw), parsed, ImageConfig.parse(config_raw))
