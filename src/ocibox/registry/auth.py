@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from ocibox.errors import AuthError, RegistryError
+from ocibox.registry.transport import ProtocolError
 
 if TYPE_CHECKING:
     from ocibox.registry.credentials import Credential
@@ -228,6 +229,8 @@ class Authenticator:
             if cred is not None:
                 raise AuthError(f"login to {self.registry} failed: incorrect username or password")
             raise AuthError(self.required_message())
+        if response.status == 429 or response.status >= 500:  # retried like any busy server
+            raise ProtocolError(f"token server {parts.netloc} answered {response.status} {response.reason}")
         if response.status != 200:
             raise RegistryError(f"token server {parts.netloc} answered {response.status} {response.reason}")
         try:

@@ -144,8 +144,10 @@ def _describe(exc: BaseException) -> str:
         return str(exc)
     if type(exc).__name__.startswith("SSL"):
         return f"TLS error ({getattr(exc, 'reason', None) or exc})"
-    if isinstance(exc, ConnectionError | ProtocolError):
+    if isinstance(exc, ConnectionError):
         return "connection dropped"
+    if isinstance(exc, ProtocolError):
+        return str(exc)
     if isinstance(exc, OSError) and exc.strerror:
         return exc.strerror.lower()
     return str(exc) or type(exc).__name__
