@@ -138,3 +138,27 @@ def test_login_without_a_terminal_needs_the_username_flag(ocibox, auth_registry)
     result = ocibox("login", auth_registry.host, input="", check=False)
     assert result.returncode == 125
     assert result.stderr == "ocibox: username required: use -u USER (no terminal to ask on)\n"
+
+
+def test_login_and_pull_through_a_credential_helper(ocibox, auth_registry, tmp_path):
+    """credsStore names docker-credential-<name>: login stores there, pull gets from there."""
+    from test_registry import HELPER
+
+    reg = auth_registry
+    bindir = tmp_path / "bin"
+    bindir.mkdir()
+    helper = bindir / "docker-credential-ocitest"
+    helper.write_text(HELPER)
+    helper.chmod(0o755)
+    db = tmp_path / "helper-db.json"
+    env = {"PATH": f"{bindir}:{ocibox.env['PATH']}", "HELPER_DB": db}
+    config = ocibox.home / ".docker" / "config.json"
+    config.parent.mkdir(parents=True)
+    config.write_text(json.dumps({"credsStore": "ocitest"}))
+
+    ocibox("login", "-u", reg.username, "--password-stdin", reg.host, input=reg.password, env=env)
+    assert json.loads(db.read_text()) == {reg.host: [reg.username, reg.password]}
+    assert json.loads(config.read_text())["auths"] == {reg.host: {}}  # no secret in the file
+    ocibox("pull", "-q", reg.seeded["busybox"], env=env)
+    ocibox("logout", reg.host, env=env)
+    assert json.loads(db.read_text()) == {}
