@@ -75,9 +75,12 @@ def test_login_to_a_token_registry_then_pull_a_private_image(ocibox, token_regis
     assert pulled.stdout.strip() == reg.seeded["private/busybox"]
 
 
-def test_anonymous_pull_from_a_token_registry(ocibox, token_registry):
+def test_anonymous_pull_from_a_token_registry_uses_one_token(ocibox, token_registry):
+    token_registry.token_server.requests.clear()
     pulled = ocibox("pull", "-q", token_registry.seeded["public/busybox"])
     assert pulled.stdout.strip() == token_registry.seeded["public/busybox"]
+    # One token for the manifest and all the parallel blob downloads.
+    assert [r.scopes for r in token_registry.token_server.requests] == [["repository:public/busybox:pull"]]
 
 
 def test_registry_auth_file_is_where_login_writes_and_pull_reads(ocibox, auth_registry, tmp_path):
