@@ -24,7 +24,10 @@ images            name -> TestImage on `registry`, pushed on first use. `str(img
                   layers, entries, files, file_bytes, compressed_size, deleted, added paths.
                   Names: busybox, busybox-v2s2, busybox-zstd, busybox-uncompressed, multiarch,
                   multiarch-v2s2, debian, python. Mark tests that use debian/python
-                  `@pytest.mark.slow` (built once per machine in /var/cache/ocibox-tests).
+                  `@pytest.mark.slow` (built once per machine in /var/cache/ocibox-tests:
+                  about a minute cold, then a push of well under a second).
+                  The registries are shared by the whole session: push your own repository
+                  names, and never delete or overwrite the images above.
 busybox_layouts   name -> Path of the busybox OCI layouts on disk (busybox, busybox-zstd,
                   busybox-uncompressed, multiarch), e.g. for `ocibox load` or skopeo.
 oci_schema        `.validate(document, kind)`; kind is manifest, index, config, descriptor,
@@ -53,6 +56,7 @@ fault_proxy       an HTTP proxy in front of `registry` that injects faults; `.ho
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -127,7 +131,8 @@ def shared_code(test_workdir):
 
 @pytest.fixture
 def ocibox(test_workdir, shared_code, request):
-    base = Path(tempfile.mkdtemp(prefix=f"{request.node.name[:40]}-", dir=test_workdir))
+    name = re.sub(r"[^A-Za-z0-9_.-]", "_", request.node.name)[:40]
+    base = Path(tempfile.mkdtemp(prefix=f"{name}-", dir=test_workdir))
     os.chmod(base, 0o755)
     yield OciboxRunner(base, shared_code)
     shutil.rmtree(base, ignore_errors=True)

@@ -26,15 +26,7 @@ from pathlib import Path
 from . import busybox, debian
 from .layout import DOCKER_LIST, OCI_INDEX
 from .push import push_layout
-
-ACCEPT = ", ".join(
-    [
-        "application/vnd.oci.image.manifest.v1+json",
-        OCI_INDEX,
-        "application/vnd.docker.distribution.manifest.v2+json",
-        DOCKER_LIST,
-    ]
-)
+from .registry import MANIFEST_TYPES
 
 
 @dataclass
@@ -132,7 +124,7 @@ def platform_string(platform: dict) -> str:
 
 def fetch(registry, repository: str, reference: str, kind: str = "manifests") -> tuple[bytes, str]:
     status, headers, body = registry.request(
-        f"/v2/{repository}/{kind}/{reference}", headers={"Accept": ACCEPT}
+        f"/v2/{repository}/{kind}/{reference}", headers={"Accept": MANIFEST_TYPES}
     )
     if status != 200:
         raise RuntimeError(f"GET {repository} {kind}/{reference}: {status} {body[:200]!r}")

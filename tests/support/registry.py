@@ -28,6 +28,14 @@ from pathlib import Path
 
 REGISTRY_BIN = "/usr/bin/docker-registry"
 PR_SET_PDEATHSIG = 1
+MANIFEST_TYPES = ", ".join(
+    [
+        "application/vnd.oci.image.manifest.v1+json",
+        "application/vnd.oci.image.index.v1+json",
+        "application/vnd.docker.distribution.manifest.v2+json",
+        "application/vnd.docker.distribution.manifest.list.v2+json",
+    ]
+)
 
 
 def free_port() -> int:
@@ -87,10 +95,13 @@ class Registry:
         auth: bool = True,
     ) -> tuple[int, dict, bytes]:
         """One HTTP request to the registry, returning (status, headers, body); never raises on
-        HTTP error statuses. With `auth`, it logs in with this registry's credentials: basic auth
+        HTTP error statuses. Manifest requests accept every manifest and index type unless
+        `headers` has an Accept. With `auth`, it logs in with this registry's credentials: basic auth
         for htpasswd, and for a token registry it answers the Bearer challenge at the realm.
         """
         hdrs = dict(headers or {})
+        if "/manifests/" in path and not any(k.lower() == "accept" for k in hdrs):
+            hdrs["Accept"] = MANIFEST_TYPES
         if auth and self.auth == "htpasswd" and self.username:
             hdrs["Authorization"] = basic_auth(self.username, self.password)
         status, resp_headers, body = http(self.url + path, method, hdrs, data)
