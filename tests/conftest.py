@@ -50,7 +50,12 @@ as_user           `as_user(cmd, user="ocibox-test", env=None, input=None, check=
                   cwd=None)`: run any command as the test user (also tests.support.users.as_user).
 fault_proxy       an HTTP proxy in front of `registry` that injects faults; `.host`, `.url`,
                   `.ref(repo, tag)`, `.corrupt_blob()`, `.cut_blob()`, `.fail()`,
-                  `.refuse_range()`, `.requests`; see tests/support/proxy.py.
+                  `.refuse_range()`, `.requests`, `.blob_gets()`, `.stop()` (registry gone);
+                  see tests/support/proxy.py.
+
+Plain helpers (import from `support.…`): registry.free_port() (a port nobody listens on: a
+registry that is down), registry.start_registry(dir, auth=…), images.push_busybox(layouts,
+registry, name, repository) to put a test image on any registry, users.as_user, schemas.validate.
 """
 
 from __future__ import annotations

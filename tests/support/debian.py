@@ -9,7 +9,7 @@ One OCI layout under /var/cache/ocibox-tests/<RECIPE>/layout holds both tags:
 
 Layers 2-4 are real diffs of the root filesystem before and after each step: new and changed
 files, and a whiteout for each removed path. Building needs root (debootstrap, chroot) and
-takes a few minutes; the cache is keyed by RECIPE and guarded by a file lock, so concurrent test
+takes a few minutes; the cache is keyed by RECIPE (this file's hash) and guarded by a file lock, so concurrent test
 sessions build it once. `facts.json` next to the layout records sizes, file counts, and the paths
 the whiteout layer removes.
 """
@@ -17,6 +17,7 @@ the whiteout layer removes.
 from __future__ import annotations
 
 import fcntl
+import hashlib
 import json
 import os
 import re
@@ -29,7 +30,8 @@ from pathlib import Path
 
 from .layout import CREATED, EPOCH, Layout
 
-RECIPE = "bookworm-minbase-python-v2"
+# The cache key: a new version of this file builds new images (and drops the old ones).
+RECIPE = "bookworm-minbase-python-" + hashlib.sha256(Path(__file__).read_bytes()).hexdigest()[:12]
 CACHE_ROOT = Path(os.environ.get("OCIBOX_TEST_CACHE", "/var/cache/ocibox-tests"))
 DEFAULT_MIRROR = "http://deb.debian.org/debian"
 DELETED_FILE = "etc/issue.net"
@@ -276,8 +278,24 @@ def cached_layout(cache_root: Path = CACHE_ROOT) -> BuiltLayout:
                 os.rename(work / "layout", final)
             finally:
                 _remove_tree(work)
+            _drop_old_recipes(cache_root)
     facts = json.loads((final / "facts.json").read_text())
     return BuiltLayout(path=final, facts=facts)
+
+
+def _drop_old_recipes(cache_root: Path) -> None:
+    """Remove the images of earlier versions of this recipe (unless a session is building them)."""
+    for old in cache_root.glob("bookworm-minbase-python-*"):
+        if old.name.startswith(RECIPE) or old.suffix == ".lock" or ".build-" in old.name:
+            continue
+        lock_path = cache_root / f"{old.name}.lock"
+        with open(lock_path, "w") as lock:
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                continue
+            _remove_tree(old)
+        lock_path.unlink(missing_ok=True)
 
 
 def _remove_tree(path: Path) -> None:
