@@ -58,7 +58,9 @@ def arm64_busybox(workdir: Path) -> Path:
 def busybox_entries(binary: Path) -> list[Entry]:
     """Layer 1: the binary and its applet symlinks, with every parent folder."""
     links = [a for a in applets() if a != "bin/busybox"]
-    dirs = sorted({"bin", "sbin", "usr", "usr/bin", "usr/sbin"} | {a.rsplit("/", 1)[0] for a in links if "/" in a})
+    dirs = sorted(
+        {"bin", "sbin", "usr", "usr/bin", "usr/sbin"} | {a.rsplit("/", 1)[0] for a in links if "/" in a}
+    )
     entries = [Entry(d, "dir", 0o755) for d in dirs]
     entries.append(Entry("bin/busybox", "file", 0o755, source=binary))
     entries += [Entry(a, "symlink", 0o777, link="/bin/busybox") for a in links]
