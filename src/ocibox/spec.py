@@ -13,7 +13,7 @@ This is the one place that turns an image into a runtime configuration (`ocibox 
   + network with `--network none`.
 - rootless: a user namespace mapping the caller to root (or the given mappings), /sys bind-mounted
   (sysfs can't be mounted without a network namespace of one's own), no gid= on devpts, and no
-  cgroup resources (a user has no cgroup to write to; limits are dropped with a warning).
+  resources passed as asked: the runtime refuses them where the user has no delegated cgroup.
 - annotations like umoci's: org.opencontainers.image.{os,architecture,author,created,stopSignal,
   exposedPorts}, the image labels, and ocibox.volumes for the image's Volumes.
 """
@@ -21,7 +21,6 @@ This is the one place that turns an image into a runtime configuration (`ocibox 
 from __future__ import annotations
 
 import os
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -190,9 +189,8 @@ def _mounts(opts: RunOptions) -> list[dict[str, Any]]:
     else:
         mounts.append({"destination": "/sys", "type": "sysfs", "source": "sysfs",
                        "options": ["nosuid", "noexec", "nodev", "ro"]})
-    if not opts.rootless:
-        mounts.append({"destination": "/sys/fs/cgroup", "type": "cgroup", "source": "cgroup",
-                       "options": ["nosuid", "noexec", "nodev", "relatime", "ro"]})
+    # No /sys/fs/cgroup mount: without a cgroup namespace a fresh cgroup mount is refused on
+    # cgroup v1/hybrid hosts ("busy"), and runtimes that offer it emulate it with binds.
     for dest, source in opts.files.items():
         mounts.append({"destination": dest, "type": "bind", "source": source,
                        "options": ["rbind", "rprivate"]})
@@ -225,11 +223,10 @@ def _rlimits(opts: RunOptions) -> list[dict[str, Any]]:
 
 
 def _resources(opts: RunOptions) -> dict[str, Any] | None:
+    # Rootless too: the runtime applies the limits where it has a delegated cgroup, and refuses
+    # with a message saying why where it has none. A limit is never dropped silently.
     wanted = opts.memory is not None or opts.cpus is not None or opts.pids_limit is not None
-    if opts.rootless:
-        if wanted:
-            print("ocibox: warning: --memory, --cpus and --pids-limit need cgroups, which a user can't "
-                  "use here: ignored", file=sys.stderr)
+    if opts.rootless and not wanted:
         return None
     resources: dict[str, Any] = {"devices": [{"allow": False, "access": "rwm"}]}
     if opts.memory is not None:
