@@ -231,6 +231,28 @@ def _registry_name(text: str | None) -> str:
     return name
 
 
+def cmd_unpack(args: argparse.Namespace) -> int:
+    """`ocibox unpack REF DIR`: an OCI runtime bundle (DIR/rootfs + DIR/config.json)."""
+    from ocibox.errors import NotFound
+    from ocibox.unpack import make_bundle
+
+    store = _store()
+    try:
+        image = store.load_image(args.image)
+    except NotFound:
+        from ocibox import reference
+        from ocibox.progress import Progress
+        from ocibox.transfer import pull
+
+        result = pull(reference.parse(args.image), store, progress=Progress.auto(quiet=True))
+        image = store.load_image(result.name)
+    from pathlib import Path
+
+    make_bundle(store, image, Path(args.dir))
+    _out(args.dir)
+    return 0
+
+
 def cmd_login(args: argparse.Namespace) -> int:
     import getpass
 
@@ -399,6 +421,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-q", "--quiet", action="store_true", help="no progress, only the image name")
     p.add_argument("--insecure", action="store_true", help="allow plain HTTP and unverified TLS")
     p.set_defaults(func=cmd_pull)
+
+    p = sub.add_parser("unpack", help="write an OCI runtime bundle (DIR/rootfs, DIR/config.json) of an image")
+    p.add_argument("image", metavar="REF")
+    p.add_argument("dir", metavar="DIR")
+    p.set_defaults(func=cmd_unpack)
 
     p = sub.add_parser("login", help="store credentials for a registry (Docker's config.json)")
     p.add_argument("registry", nargs="?", metavar="REGISTRY", help="default: docker.io")

@@ -1,0 +1,137 @@
+"""A user unpacks a pulled image: `ocibox unpack REF DIR` writes a bundle runc starts as it is, the
+shared rootfs cache is built once and never looks complete when it is not, and the tree matches
+umoci's for real Debian images."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+
+import pytest
+
+from layer_builder import tree
+from ocibox.errors import IntegrityError
+from ocibox.store import Store
+from ocibox.unpack import ensure_rootfs, rootfs_path
+from support.schemas import validate
+
+
+def test_unpack_writes_a_bundle_that_runc_runs(ocibox, images, tmp_path: Path) -> None:
+    ref = images["busybox"].ref
+    bundle = tmp_path / "bundle"
+    result = ocibox("unpack", ref, str(bundle))  # pulled first: not in the store yet
+    assert result.stdout.strip() == str(bundle)
+    assert (bundle / "rootfs" / "bin" / "busybox").is_file()
+    assert oct(bundle.stat().st_mode & 0o777) == "0o700"
+    config = json.loads((bundle / "config.json").read_text())
+    validate(config, "runtime-config")
+    assert config["root"]["path"] == "rootfs"
+    if os.geteuid() != 0 or not shutil.which("runc"):
+        return
+    state = tmp_path / "runc-state"
+    config["process"]["args"] = ["/bin/sh", "-c", "echo hello from $(id -u) in $(pwd)"]
+    (bundle / "config.json").write_text(json.dumps(config))
+    cid = "ocibox-test-" + uuid.uuid4().hex[:8]
+    proc = subprocess.run(["runc", "--root", str(state), "run", "--bundle", str(bundle), cid],
+                          stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=60)
+    subprocess.run(["runc", "--root", str(state), "delete", "-f", cid], capture_output=True)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "hello from 0 in /"
+
+
+def test_unpack_as_a_user_is_rootless(ocibox_user, images, tmp_path: Path) -> None:
+    ref = images["busybox"].ref
+    work = ocibox_user.home / "bundles"
+    ocibox_user("pull", "-q", ref)
+    ocibox_user("unpack", ref, str(work / "b"))
+    proc = subprocess.run(["setpriv", "--reuid=ocibox-test", "--regid=ocibox-test", "--clear-groups", "cat",
+                           str(work / "b" / "config.json")], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    config = json.loads(proc.stdout)
+    validate(config, "runtime-config")
+    uid = int(subprocess.run(["id", "-u", "ocibox-test"], capture_output=True, text=True).stdout)
+    assert {"type": "user"} in config["linux"]["namespaces"]
+    assert config["linux"]["uidMappings"] == [{"containerID": 0, "hostID": uid, "size": 1}]
+    assert "resources" not in config["linux"]
+    assert (work / "b" / "rootfs" / "bin" / "busybox").stat().st_uid == uid
+    assert (work / "b" / "rootfs.meta").exists()
+
+
+def test_unpack_of_a_missing_image_is_one_line(ocibox, tmp_path: Path) -> None:
+    from support.registry import free_port
+
+    result = ocibox("unpack", f"127.0.0.1:{free_port()}/nothing:here", str(tmp_path / "b"), check=False)
+    assert result.returncode == 125
+    assert result.stderr.count("\n") == 1 and result.stderr.startswith("ocibox: ")
+
+
+def test_unpack_into_a_folder_that_is_not_empty_is_refused(ocibox, images, tmp_path: Path) -> None:
+    (tmp_path / "b").mkdir()
+    (tmp_path / "b" / "mine").write_text("keep me")
+    result = ocibox("unpack", images["busybox"].ref, str(tmp_path / "b"), check=False)
+    assert result.returncode == 125 and "not an empty folder" in result.stderr
+    assert (tmp_path / "b" / "mine").read_text() == "keep me"
+
+
+def test_the_rootfs_cache_is_built_once(ocibox, images) -> None:
+    ref = images["busybox"].ref
+    ocibox("pull", "-q", ref)
+    store = Store(ocibox.root)
+    image = store.load_image(ref)
+    code = ("import sys; from ocibox.store import Store; from ocibox.unpack import ensure_rootfs;"
+            "s = Store(sys.argv[1]); print(ensure_rootfs(s, s.load_image(sys.argv[2])))")
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src")}
+    procs = [subprocess.Popen([sys.executable, "-c", code, str(ocibox.root), ref], env=env,
+                              stdout=subprocess.PIPE, text=True) for _ in range(3)]
+    outs = {p.communicate(timeout=120)[0].strip() for p in procs}
+    assert outs == {str(rootfs_path(store, image))}
+    assert all(p.returncode == 0 for p in procs)
+    target = ensure_rootfs(store, image)
+    marker = os.stat(target).st_ino
+    assert ensure_rootfs(store, image) == target and os.stat(target).st_ino == marker
+    assert [p.name for p in store.rootfs_dir.iterdir() if p.is_dir()] == [target.name]
+    assert [p for p in store.tmp_dir.iterdir() if p.name.startswith("rootfs-")] == []
+
+
+def test_a_failed_unpack_never_looks_complete(ocibox, images) -> None:
+    ref = images["busybox"].ref
+    ocibox("pull", "-q", ref)
+    store = Store(ocibox.root)
+    image = store.load_image(ref)
+    blob = store.blob_path(image.manifest.layers[-1].digest)
+    good = blob.read_bytes()
+    blob.chmod(0o644)
+    blob.write_bytes(good[: len(good) // 2])  # cut like an interrupted download
+    try:
+        with pytest.raises((IntegrityError, Exception)):
+            ensure_rootfs(store, image)
+        assert not rootfs_path(store, image).exists()
+        assert [p for p in store.tmp_dir.iterdir() if p.name.startswith("rootfs-")] == []
+    finally:
+        blob.write_bytes(good)
+    assert (ensure_rootfs(store, image) / "bin" / "busybox").is_file()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["debian", "python"])
+def test_debian_images_unpack_like_umoci(ocibox, images, tmp_path: Path, name: str) -> None:
+    if not shutil.which("umoci") or not shutil.which("skopeo"):
+        pytest.skip("umoci and skopeo are needed")
+    image = images[name]
+    layout = tmp_path / "layout"
+    subprocess.run(["skopeo", "copy", "--quiet", "--insecure-policy", "--src-tls-verify=false",
+                    f"docker://{image.ref}", f"oci:{layout}:test"], check=True, capture_output=True)
+    subprocess.run(["umoci", "unpack", "--rootless", "--image", f"{layout}:test", str(tmp_path / "umoci")],
+                   check=True, capture_output=True)
+    ocibox("unpack", image.ref, str(tmp_path / "ours"))
+    theirs, ours = tree(tmp_path / "umoci" / "rootfs"), tree(tmp_path / "ours" / "rootfs")
+    # umoci --rootless turns device nodes into empty mode-0 files; ocibox as root makes them
+    devices = {p for p, t in ours.items() if t[0] == "dev"}
+    assert sorted(set(theirs) - devices) == sorted(set(ours) - devices)
+    different = [p for p in theirs if p not in devices and theirs[p] != ours[p]]
+    assert different == []
