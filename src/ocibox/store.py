@@ -105,21 +105,28 @@ def flock(path: Path, shared: bool = False) -> Iterator[None]:
 
 
 def remove_tree(path: Path) -> None:
-    """Remove a folder even where the image made parts of it read-only."""
-
-    def onerror(func, name, _exc):  # type: ignore[no-untyped-def]
-        parent = os.path.dirname(name)
-        with contextlib.suppress(OSError):
-            os.chmod(parent, stat.S_IRWXU)
-        with contextlib.suppress(OSError):
-            if os.path.isdir(name) and not os.path.islink(name):
-                os.chmod(name, stat.S_IRWXU)
-        func(name)
-
+    """Remove a folder even where the image (or overlayfs's work dir) made parts of it unreadable.
+    Raises OSError for what this user can't remove (files other users own)."""
+    path = Path(path)
     if path.is_symlink() or path.is_file():
         path.unlink()
-    elif path.exists():
-        shutil.rmtree(path, onerror=onerror)
+        return
+    if not path.exists():
+        return
+    try:
+        shutil.rmtree(path)
+        return
+    except OSError:
+        pass
+    with contextlib.suppress(OSError):
+        os.chmod(path, stat.S_IRWXU)
+    for dirpath, dirnames, _ in os.walk(path):  # top-down: children opened before descending
+        for name in dirnames:
+            full = os.path.join(dirpath, name)
+            if not os.path.islink(full):
+                with contextlib.suppress(OSError):
+                    os.chmod(full, stat.S_IRWXU)
+    shutil.rmtree(path)
 
 
 class BlobWriter:
