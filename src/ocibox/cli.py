@@ -222,6 +222,31 @@ def cmd_pull(args: argparse.Namespace) -> int:
     return 0
 
 
+def _size_arg(text: str) -> int:
+    """A byte count: 8388608, 512K, 8M, 1G."""
+    units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
+    value = text.strip().upper().removesuffix("IB").removesuffix("B")
+    scale = units.get(value[-1:], 1)
+    digits = value[:-1] if value[-1:] in units else value
+    if not digits.isdigit() or int(digits) * scale <= 0:
+        raise argparse.ArgumentTypeError(f"invalid size {text!r}: use e.g. 8M, 512K or a byte count")
+    return int(digits) * scale
+
+
+def cmd_push(args: argparse.Namespace) -> int:
+    from ocibox import reference
+    from ocibox.progress import Progress
+    from ocibox.transfer import push
+
+    dest = reference.parse(args.destination) if args.destination else None
+    progress = Progress.auto(quiet=args.quiet)
+    result = push(
+        args.image, _store(), dest, insecure=args.insecure, progress=progress, chunk_size=args.chunk_size
+    )
+    _out(f"{result.repository}@{result.digest}")
+    return 0
+
+
 def _registry_name(text: str | None) -> str:
     from ocibox.registry.credentials import normalise_key
 
@@ -328,8 +353,16 @@ def cmd_build(args: argparse.Namespace) -> int:
         add_certs=args.add_certs, add_passwd=args.add_passwd,
         source_date_epoch=os.environ.get("SOURCE_DATE_EPOCH"),
     )
-    result = build(options, _store(), warn=_warn, say=_say)
+    if args.push and not args.tag:
+        raise OciboxError("--push needs --tag: the image is pushed to the name it is tagged with")
+    store = _store()
+    result = build(options, store, warn=_warn, say=_say)
     _out(result.image.manifest_digest)
+    if args.push:
+        from ocibox.progress import Progress
+        from ocibox.transfer import push
+
+        push(args.tag, store, insecure=args.insecure, progress=Progress.auto(quiet=args.quiet))
     return 0
 
 
@@ -348,6 +381,39 @@ def cmd_tag(args: argparse.Namespace) -> int:
         descriptor = Descriptor(manifest.media_type, digest, len(manifest.raw))
     store.tag(str(target), descriptor)
     return 0
+
+
+# --- run ---------------------------------------------------------------------------------------
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from ocibox.run import RunRequest, run
+
+    return run(RunRequest(
+        image=args.image,
+        command=list(args.command_args or []),
+        rm=args.rm,
+        env=args.env or [],
+        env_files=args.env_file or [],
+        volumes=args.volume or [],
+        tmpfs=args.tmpfs or [],
+        workdir=args.workdir,
+        user=args.user,
+        entrypoint=args.entrypoint,
+        hostname=args.hostname,
+        interactive=args.interactive,
+        tty=args.tty,
+        network=args.network,
+        read_only=args.read_only,
+        memory=args.memory,
+        cpus=args.cpus,
+        pids_limit=args.pids_limit,
+        ulimits=args.ulimit or [],
+        name=args.name,
+        platform=args.platform,
+        pull=args.pull,
+        quiet=args.quiet,
+    ))
 
 
 # --- parser ------------------------------------------------------------------------------------
@@ -387,6 +453,34 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_load)
 
     # Commands of other stages register below this line.
+    p = sub.add_parser("run", help="run a command in a new container", add_help=False,
+                       usage="ocibox run [OPTIONS] IMAGE|BUNDLE-DIR [COMMAND [ARG...]]")
+    p.add_argument("--help", action="help", help="show this help message and exit")
+    p.add_argument("--rm", action="store_true", help="remove the container when it exits")
+    p.add_argument("-e", "--env", action="append", metavar="K[=V]", help="set an environment variable")
+    p.add_argument("--env-file", action="append", metavar="FILE", help="read environment variables from FILE")
+    p.add_argument("-v", "--volume", action="append", metavar="HOST:CTR[:ro]", help="bind mount a path")
+    p.add_argument("--tmpfs", action="append", metavar="CTR[:OPTS]", help="mount a tmpfs")
+    p.add_argument("-w", "--workdir", metavar="DIR", help="working directory inside the container")
+    p.add_argument("-u", "--user", metavar="USER[:GROUP]", help="name or uid, optionally with a group")
+    p.add_argument("--entrypoint", metavar="CMD", help="replace the image's entrypoint (clears its Cmd)")
+    p.add_argument("-h", "--hostname", metavar="NAME", help="container host name")
+    p.add_argument("-i", "--interactive", action="store_true", help="keep stdin open")
+    p.add_argument("-t", "--tty", action="store_true", help="allocate a pseudo-terminal")
+    p.add_argument("--network", "--net", choices=["host", "none"], default="host",
+                   help="host (default: like a native program) or none (loopback only)")
+    p.add_argument("--read-only", action="store_true", help="mount the root filesystem read-only")
+    p.add_argument("-m", "--memory", metavar="SIZE", help="memory limit, e.g. 512m")
+    p.add_argument("--cpus", metavar="N", help="number of CPUs, e.g. 1.5")
+    p.add_argument("--pids-limit", type=int, metavar="N", help="maximum number of processes")
+    p.add_argument("--ulimit", action="append", metavar="NAME=SOFT[:HARD]", help="resource limit")
+    p.add_argument("--name", help="a name for the container")
+    p.add_argument("--platform", metavar="OS/ARCH", help="platform to pull if the image is missing")
+    p.add_argument("--pull", choices=["missing", "always", "never"], default="missing")
+    p.add_argument("-q", "--quiet", action="store_true", help="no pull progress")
+    p.add_argument("image", metavar="IMAGE|BUNDLE-DIR")
+    p.add_argument("command_args", nargs=argparse.REMAINDER, metavar="COMMAND")
+    p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("build", help="build an image from a binary, FROM scratch or onto a base image")
     p.add_argument("--from-binary", required=True, metavar="PROG", help="the program: it becomes /PROG")
@@ -408,6 +502,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="copy a file or folder into the layer (repeatable)")
     p.add_argument("--add-certs", action="store_true", help="add the host's CA bundle")
     p.add_argument("--add-passwd", action="store_true", help="add /etc/passwd and /etc/group (root, nobody)")
+    p.add_argument("--push", action="store_true", help="then push the image to its --tag")
+    p.add_argument("--insecure", action="store_true", help="with --push: allow plain HTTP and unverified TLS")
+    p.add_argument("-q", "--quiet", action="store_true", help="with --push: no push progress")
     p.set_defaults(func=cmd_build)
 
     p = sub.add_parser("tag", help="give a stored image another name")
@@ -421,6 +518,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-q", "--quiet", action="store_true", help="no progress, only the image name")
     p.add_argument("--insecure", action="store_true", help="allow plain HTTP and unverified TLS")
     p.set_defaults(func=cmd_pull)
+
+    p = sub.add_parser("push", help="upload a stored image to a registry")
+    p.add_argument("image", metavar="REF", help="the image in the store")
+    p.add_argument("destination", nargs="?", metavar="DEST", help="where it goes (default: REF itself)")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress, only the pushed reference")
+    p.add_argument("--insecure", action="store_true", help="allow plain HTTP and unverified TLS")
+    p.add_argument("--chunk-size", type=_size_arg, metavar="SIZE",
+                   help="upload blobs bigger than this in chunks of this size (default: 8M)")
+    p.set_defaults(func=cmd_push)
 
     p = sub.add_parser("unpack", help="write an OCI runtime bundle (DIR/rootfs, DIR/config.json) of an image")
     p.add_argument("image", metavar="REF")

@@ -3,7 +3,11 @@
 `pull` fetches a reference's manifest (choosing the platform's manifest from an index), then the
 config and every layer the store lacks, in parallel, each streamed into the store's verifying blob
 writer under a per-blob file lock (so concurrent pulls share the work), then stores the manifest
-(and the index) and tags the reference. Push (store → registry) comes later, next to it.
+(and the index) and tags the reference.
+
+`push` goes the other way: blobs the repository lacks (HEAD) are mounted from another repository of
+the same registry when the store knows one that has them, else uploaded (one PUT, or PATCH chunks
+for big ones), in parallel, streamed from the store's files; the manifests go last.
 """
 
 from __future__ import annotations
@@ -276,3 +280,241 @@ def _store_error(exc: OSError, digest: str) -> StoreError:
         return StoreError(f"no space left on device while writing blob {digest}")
     where = f" ({exc.filename})" if exc.filename else ""
     return StoreError(f"cannot write blob {digest}: {exc.strerror or exc}{where}")
+
+
+# --- push: store → registry ----------------------------------------------------------------------
+
+
+@dataclass
+class PushResult:
+    name: str  # where the image went: registry/repository:tag (or @digest)
+    repository: str  # registry/repository
+    digest: str  # of the manifest (or the index) pushed
+    media_type: str
+    size: int
+    whole_index: bool  # an index was pushed with all its manifests
+    uploaded: int  # blobs sent
+    uploaded_bytes: int
+    mounted: int  # blobs linked from another repository of the registry
+    present: int  # blobs the repository already had
+
+
+@dataclass
+class _Plan:
+    """What goes up: the manifests (children first) and the top one, with its blobs."""
+
+    top: Descriptor
+    manifests: list[tuple[Descriptor, bytes]]  # every manifest, in push order; the top one last
+    blobs: list[Descriptor]
+    whole_index: bool
+
+
+def push(
+    source: str,
+    store: Store,
+    dest: Reference | None = None,
+    *,
+    insecure: bool = False,
+    progress: Progress | None = None,
+    jobs: int = DEFAULT_JOBS,
+    chunk_size: int | None = None,
+    client=None,
+) -> PushResult:
+    """Push the stored image `source` to `dest` (default: the registry and name it is stored as)."""
+    from ocibox import reference
+
+    progress = progress or Progress.auto(quiet=True)
+    with store.using():
+        name, digest = store.find(source)
+        target = dest or reference.parse(name)
+        plan = _plan(store, name, digest, progress)
+        own_client = client is None
+        client = client or registry_client(target, insecure)
+        try:
+            return _push(store, plan, target, client, progress, jobs, chunk_size)
+        finally:
+            if own_client:
+                client.close()
+
+
+def _plan(store: Store, name: str, digest: str, progress: Progress) -> _Plan:
+    """The index whole when the store holds it and every manifest and blob under it; else the
+    one manifest (with a note saying why)."""
+    tagged = store.lookup(name)
+    index_digest = (tagged.annotations or {}).get(SOURCE_INDEX) if tagged is not None else None
+    if index_digest and store.has_blob(index_digest):
+        index_data = store.read_blob(index_digest)
+        index = parse_manifest(index_data)
+        if isinstance(index, Index):
+            children = _complete_children(store, index)
+            if children is not None:
+                blobs: dict[str, Descriptor] = {}
+                for _, manifest in children:
+                    for desc in [manifest.config, *manifest.layers]:
+                        blobs.setdefault(desc.digest, desc)
+                top = Descriptor(index.media_type, index_digest, len(index_data))
+                manifests = [(desc, manifest.raw) for desc, manifest in children] + [(top, index_data)]
+                return _Plan(top, manifests, list(blobs.values()), True)
+            platform = tagged.platform if tagged is not None and tagged.platform else None
+            which = f"the {platform} image" if platform else "one image"
+            progress.message(
+                f"Only {which} of multi-platform index {index_digest} is in the store: "
+                "pushing its manifest alone"
+            )
+    manifest = store.manifest(digest)
+    blobs = {}
+    for desc in [manifest.config, *manifest.layers]:
+        blobs.setdefault(desc.digest, desc)
+    _check_blobs(store, list(blobs.values()))
+    top = Descriptor(manifest.media_type, digest, len(manifest.raw))
+    return _Plan(top, [(top, manifest.raw)], list(blobs.values()), False)
+
+
+def _complete_children(store: Store, index: Index) -> list[tuple[Descriptor, Manifest]] | None:
+    """The index's manifests, if the store has each of them and all their blobs; else None."""
+    out = []
+    for desc in index.manifests:
+        if desc.media_type not in MANIFEST_TYPES or not store.has_blob(desc.digest):
+            return None
+        node = parse_manifest(store.read_blob(desc.digest), desc.media_type)
+        if not isinstance(node, Manifest):
+            return None
+        if not all(store.has_blob(d.digest) for d in [node.config, *node.layers]):
+            return None
+        out.append((desc, node))
+    return out
+
+
+def _check_blobs(store: Store, blobs: list[Descriptor]) -> None:
+    for desc in blobs:
+        if not store.has_blob(desc.digest):
+            raise StoreError(f"the store is missing blob {desc.digest}: pull or load the image again")
+
+
+def _mount_sources(store: Store, target: Reference, wanted: set[str]) -> dict[str, str]:
+    """blob digest → another repository of the target's registry that should have it: the
+    repositories the store's images were pulled from (or are named after)."""
+    from ocibox import reference
+
+    sources: dict[str, str] = {}
+    for tagged in store.tagged():
+        try:
+            ref = reference.parse(tagged.name)
+        except OciboxError:
+            continue
+        if ref.registry != target.registry or ref.repository == target.repository:
+            continue
+        try:
+            node = parse_manifest(store.read_blob(tagged.descriptor.digest))
+        except OciboxError:
+            continue
+        if isinstance(node, Manifest):
+            for desc in [node.config, *node.layers]:
+                if desc.digest in wanted:
+                    sources.setdefault(desc.digest, ref.repository)
+    return sources
+
+
+def _push(
+    store: Store,
+    plan: _Plan,
+    target: Reference,
+    client,
+    progress: Progress,
+    jobs: int,
+    chunk_size: int | None,
+) -> PushResult:
+    from ocibox.registry.client import UPLOAD_CHUNK
+
+    repository = target.repository
+    progress.message(f"The push refers to repository [{target.name}]")
+    sources = _mount_sources(store, target, {d.digest for d in plan.blobs})
+    cancel = threading.Event()
+    tasks = {d.digest: progress.task(d.digest.partition(":")[2][:12], d.size, "Preparing")
+             for d in plan.blobs}
+    outcomes: dict[str, str] = {}
+
+    def send(desc: Descriptor) -> int | None:
+        task = tasks[desc.digest]
+        if client.blob_exists(repository, desc.digest):
+            outcomes[desc.digest] = "present"
+            task.finish("Layer already exists")
+            return None
+        location = None
+        source = sources.get(desc.digest)
+        if source is not None:
+            mounted, location = client.mount_blob(repository, desc.digest, source)
+            if mounted:
+                outcomes[desc.digest] = "mounted"
+                task.finish(f"Mounted from {source}")
+                return None
+        _begin(progress, task)
+        try:
+            client.upload_blob(
+                repository,
+                desc.digest,
+                desc.size,
+                lambda: store.open_blob(desc.digest),
+                chunk_size=chunk_size or UPLOAD_CHUNK,
+                location=location,
+                on_progress=task.update,
+                cancel=cancel,
+            )
+        except OciboxError:
+            task.finish("Failed")
+            raise
+        outcomes[desc.digest] = "uploaded"
+        task.finish("Pushed")
+        return desc.size
+
+    try:
+        results = _in_parallel([lambda d=d: send(d) for d in plan.blobs], jobs, cancel)
+    finally:
+        progress.close()
+
+    # The manifests last, children before the index, so that the registry knows every reference.
+    reference = target.tag or plan.top.digest
+    if target.digest and target.digest != plan.top.digest:
+        raise IntegrityError(f"{target.familiar}: the image's digest is {plan.top.digest}")
+    for desc, data in plan.manifests[:-1]:
+        client.put_manifest(repository, desc.digest, data, _media_type(data, desc.media_type))
+    top, data = plan.manifests[-1]
+    client.put_manifest(repository, reference, data, _media_type(data, top.media_type))
+    progress.message(f"{target.tag or 'digest'}: digest: {plan.top.digest} size: {plan.top.size}")
+    uploaded = [r for r in results if r is not None]
+    name = f"{target.name}:{target.tag}" if target.tag else f"{target.name}@{plan.top.digest}"
+    return PushResult(
+        name=name,
+        repository=target.name,
+        digest=plan.top.digest,
+        media_type=top.media_type,
+        size=plan.top.size,
+        whole_index=plan.whole_index,
+        uploaded=len(uploaded),
+        uploaded_bytes=sum(uploaded),
+        mounted=sum(1 for o in outcomes.values() if o == "mounted"),
+        present=sum(1 for o in outcomes.values() if o == "present"),
+    )
+
+
+def _media_type(data: bytes, fallback: str) -> str:
+    """The manifest's own mediaType field, which the registry checks against Content-Type."""
+    import json
+
+    try:
+        value = json.loads(data).get("mediaType")
+    except (ValueError, AttributeError):
+        return fallback
+    return value if isinstance(value, str) and value else fallback
+
+
+def _begin(progress: Progress, task) -> None:
+    """Mark a blob upload started (the progress bar shows "Pushing")."""
+    import time
+
+    task.status = "Pushing"
+    task.started = time.monotonic()
+    if progress.mode == "plain":
+        from ocibox.progress import human_bytes
+
+        progress.message(f"{task.label}: Pushing {human_bytes(task.total)}")

@@ -30,9 +30,13 @@ from ocibox.registry.transport import (
     Transport,
     Untrusted,
     is_loopback,
+    join_url,
+    split_url,
 )
 
 if TYPE_CHECKING:
+    from typing import BinaryIO
+
     from ocibox.registry.credentials import Credential
 
 MANIFEST_TYPES = (
@@ -50,6 +54,7 @@ ATTEMPTS = 5  # tries per request before a transient failure is reported
 MAX_DROPS = 15  # dropped connections per blob download, even when each brought some bytes
 MAX_RETRY_AFTER = 60.0
 INSECURE_ENV = "OCIBOX_INSECURE_REGISTRIES"
+UPLOAD_CHUNK = 8 << 20  # blobs bigger than this go up in PATCH requests of this size; smaller in one PUT
 
 # What a dropped or refused connection looks like: retried, then reported as the registry's fault.
 TRANSIENT = (OSError, ProtocolError)
@@ -69,6 +74,14 @@ class _Dropped(Exception):
     def __init__(self, cause: BaseException):
         super().__init__(str(cause))
         self.cause = cause
+
+
+class _Retry(Exception):
+    """A push step failed in a way a new attempt may fix (dropped connection, 429, 5xx)."""
+
+    def __init__(self, problem: str, delay: float | None = None):
+        super().__init__(problem)
+        self.delay = delay
 
 
 class BlobSink(Protocol):
@@ -230,20 +243,25 @@ class RegistryClient:
         path: str,
         scope: str,
         headers: dict[str, str] | None = None,
+        body: bytes | None = None,
     ) -> Response:
-        """One authenticated request; a 401 is answered once (fresh token or basic auth) and retried."""
-        url = self.base_url() + path
+        """One authenticated request; a 401 is answered once (fresh token or basic auth) and retried.
+
+        `path` is under the API's base URL, or an absolute URL (an upload's Location): credentials
+        go only to the registry's own host."""
+        url = path if "://" in path.split("?", 1)[0] else self.base_url() + path
+        ours = split_url(url)[1] == split_url(self.base_url())[1]
         headers = dict(headers or {})
-        authorization = self.auth.authorization(scope)
+        authorization = self.auth.authorization(scope) if ours else None
         if authorization:
             headers["Authorization"] = authorization
-        response = self.transport.request(method, url, headers)
-        if response.status != 401:
+        response = self.transport.request(method, url, headers, body)
+        if response.status != 401 or not ours:
             return response
         challenges = response.header_values("WWW-Authenticate")
         response.close()
         headers["Authorization"] = self.auth.answer(challenges, scope, authorization)
-        return self.transport.request(method, url, headers)
+        return self.transport.request(method, url, headers, body)
 
     def _retrying(
         self, what: str, send: Callable[[], Response], cancel: threading.Event | None = None
@@ -427,6 +445,205 @@ class RegistryClient:
             if cancel is not None and cancel.is_set():
                 response.abort()
                 raise Cancelled()
+
+    # -- pushing --------------------------------------------------------------------------------
+
+    def _fail_push(self, response: Response, what: str, repository: str) -> None:
+        """Raise the error a refused push step means (auth errors name push, not pull)."""
+        if response.status in (401, 403):
+            try:
+                body = response.read_all(1 << 16)
+            except (*TRANSIENT, TooLarge):
+                body = b""
+            code, message = _error_detail(body)
+            detail = message or code.lower().replace("_", " ") or response.reason
+            hint = f" (run 'ocibox login {self.registry}')" if self.auth.credential is None else ""
+            raise AuthError(f"push access to {self.registry}/{repository} denied: {detail}{hint}")
+        self._fail(response, what, repository)
+
+    def blob_exists(self, repository: str, digest: str) -> bool:
+        """HEAD the blob: does the repository already have it?"""
+        path = f"/v2/{repository}/blobs/{digest}"
+        scope = scope_for(repository, "pull,push")
+        what = f"blob {digest} of {self.registry}/{repository}"
+        response = self._retrying(f"checking {what}", lambda: self._request("HEAD", path, scope))
+        with response:
+            if response.status == 200:
+                return True
+            if response.status == 404:
+                return False
+            self._fail_push(response, what, repository)
+        return False
+
+    def mount_blob(self, repository: str, digest: str, source: str) -> tuple[bool, str | None]:
+        """Ask the registry to link blob `digest` from repository `source` into `repository`.
+
+        (True, None) when mounted; else (False, an upload Location the registry opened instead, or
+        None). A refused mount (no pull access to `source`) is not an error: the blob is uploaded."""
+        import urllib.parse
+
+        query = urllib.parse.urlencode({"mount": digest, "from": source})
+        path = f"/v2/{repository}/blobs/uploads/?{query}"
+        scope = f"{scope_for(repository, 'pull,push')} {scope_for(source)}"
+        what = f"mounting blob {digest} from {self.registry}/{source} into {repository}"
+        try:
+            response = self._retrying(what, lambda: self._request("POST", path, scope, body=b""))
+        except AuthError:
+            return False, None
+        with response:
+            if response.status == 201:
+                return True, None
+            if response.status == 202 and response.header("Location"):
+                return False, join_url(self.base_url() + path, response.header("Location") or "")
+            if response.status in (401, 403):
+                return False, None
+            self._fail_push(response, what, repository)
+        return False, None
+
+    def upload_blob(
+        self,
+        repository: str,
+        digest: str,
+        size: int,
+        open_blob: Callable[[], BinaryIO],
+        *,
+        chunk_size: int = UPLOAD_CHUNK,
+        location: str | None = None,
+        on_progress: Callable[[int], None] | None = None,
+        cancel: threading.Event | None = None,
+    ) -> None:
+        """Upload a blob: one PUT when it is at most `chunk_size` bytes, else PATCH requests of
+        `chunk_size` bytes (Content-Range) and a closing PUT. Read from `open_blob()` a chunk at a
+        time. A dropped connection or a busy registry (429, 5xx) starts the upload over."""
+        what = f"uploading blob {digest} to {self.registry}/{repository}"
+        problem = ""
+        for attempt in range(1, ATTEMPTS + 1):
+            if cancel is not None and cancel.is_set():
+                raise Cancelled()
+            delay = backoff(attempt)
+            try:
+                if location is None:
+                    location = self._start_upload(repository, what)
+                if size <= chunk_size:
+                    with open_blob() as f:
+                        data = f.read(size + 1)
+                    self._check_length(digest, size, len(data))
+                    self._close_upload(repository, location, digest, data, what)
+                else:
+                    self._upload_chunks(repository, location, digest, size, open_blob, chunk_size, what,
+                                        on_progress, cancel)
+                if on_progress is not None:
+                    on_progress(size)
+                return
+            except _Retry as exc:
+                problem, delay = f"{what}: {exc}", exc.delay or delay
+            location = None  # a failed session is not resumed: the next try opens a new one
+            if on_progress is not None:
+                on_progress(0)
+            if attempt < ATTEMPTS:
+                if cancel is not None:
+                    if cancel.wait(delay):
+                        raise Cancelled()
+                else:
+                    self._sleep(delay)
+        raise RegistryError(problem)
+
+    @staticmethod
+    def _check_length(digest: str, size: int, got: int) -> None:
+        if got != size:
+            raise IntegrityError(f"blob {digest}: the store holds {got} bytes, the manifest says {size}")
+
+    def _upload_step(
+        self, method: str, url: str, repository: str, what: str, expect: int,
+        headers: dict[str, str] | None = None, body: bytes | None = None,
+    ) -> Response:
+        """One request of an upload; transient failures raise _Retry, refusals their error."""
+        scope = scope_for(repository, "pull,push")
+        try:
+            response = self._request(method, url, scope, headers, body)
+        except (Untrusted, RedirectError, ProxyError) as exc:
+            raise RegistryError(f"can't reach registry {self.host}: {_describe(exc)}") from None
+        except TooLarge as exc:
+            raise RegistryError(f"{what}: {exc}") from None
+        except TRANSIENT as exc:
+            raise _Retry(_describe(exc)) from None
+        if response.status == 429 or response.status >= 500:
+            delay = _retry_after(response)
+            response.close()
+            raise _Retry(f"registry answered {response.status} {response.reason}", delay)
+        if response.status != expect:
+            with response:
+                self._fail_push(response, what, repository)
+        return response
+
+    def _location(self, response: Response, url: str, what: str) -> str:
+        location = response.header("Location")
+        response.close()
+        if not location:
+            raise RegistryError(f"{what}: the registry sent no upload location")
+        return join_url(url, location)
+
+    def _start_upload(self, repository: str, what: str) -> str:
+        url = self.base_url() + f"/v2/{repository}/blobs/uploads/"
+        response = self._upload_step("POST", url, repository, what, 202, body=b"")
+        return self._location(response, url, what)
+
+    def _close_upload(self, repository: str, location: str, digest: str, data: bytes, what: str) -> None:
+        import urllib.parse
+
+        url = location + ("&" if "?" in location else "?") + "digest=" + urllib.parse.quote(digest)
+        headers = {"Content-Type": "application/octet-stream"}
+        response = self._upload_step("PUT", url, repository, what, 201, headers, data)
+        response.close()
+
+    def _upload_chunks(
+        self,
+        repository: str,
+        location: str,
+        digest: str,
+        size: int,
+        open_blob: Callable[[], BinaryIO],
+        chunk_size: int,
+        what: str,
+        on_progress: Callable[[int], None] | None,
+        cancel: threading.Event | None,
+    ) -> None:
+        offset = 0
+        with open_blob() as f:
+            while True:
+                data = f.read(chunk_size)
+                if not data:
+                    break
+                self._check_length(digest, size, max(size, offset + len(data)))
+                headers = {
+                    "Content-Type": "application/octet-stream",
+                    "Content-Range": f"{offset}-{offset + len(data) - 1}",
+                }
+                response = self._upload_step("PATCH", location, repository, what, 202, headers, data)
+                location = self._location(response, location, what)
+                offset += len(data)
+                if on_progress is not None:
+                    on_progress(offset)
+                if cancel is not None and cancel.is_set():
+                    raise Cancelled()
+        self._check_length(digest, size, offset)
+        self._close_upload(repository, location, digest, b"", what)
+
+    def put_manifest(self, repository: str, reference: str, data: bytes, media_type: str) -> str:
+        """PUT a manifest or index, exactly these bytes, under a tag or its digest; its digest."""
+        digest = _digest_of(data, "sha256")
+        path = f"/v2/{repository}/manifests/{reference}"
+        scope = scope_for(repository, "pull,push")
+        what = f"pushing manifest {digest} to {self.registry}/{repository}:{reference}"
+        headers = {"Content-Type": media_type}
+        response = self._retrying(what, lambda: self._request("PUT", path, scope, headers, data))
+        with response:
+            if response.status not in (200, 201, 202):
+                self._fail_push(response, what, repository)
+            stored = response.header("Docker-Content-Digest")
+        if stored and stored.startswith("sha256:") and stored != digest:
+            raise IntegrityError(f"{what}: the registry stored it as {stored}")
+        return digest
 
     def check_login(self) -> None:
         """Make sure the registry accepts the current credentials (`ocibox login`)."""
