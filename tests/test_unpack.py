@@ -34,12 +34,20 @@ def test_unpack_writes_a_bundle_that_runc_runs(ocibox, images, tmp_path: Path) -
     if os.geteuid() != 0 or not shutil.which("runc"):
         return
     state = tmp_path / "runc-state"
+
+    def runc_run() -> subprocess.CompletedProcess:
+        cid = "ocibox-test-" + uuid.uuid4().hex[:8]
+        try:
+            return subprocess.run(["runc", "--root", str(state), "run", "--bundle", str(bundle), cid],
+                                  stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=60)
+        finally:
+            subprocess.run(["runc", "--root", str(state), "delete", "-f", cid], capture_output=True)
+
+    proc = runc_run()  # the bundle as ocibox wrote it: busybox's `sh` reads an empty stdin and exits
+    assert proc.returncode == 0, proc.stderr
     config["process"]["args"] = ["/bin/sh", "-c", "echo hello from $(id -u) in $(pwd)"]
-    (bundle / "config.json").write_text(json.dumps(config))
-    cid = "ocibox-test-" + uuid.uuid4().hex[:8]
-    proc = subprocess.run(["runc", "--root", str(state), "run", "--bundle", str(bundle), cid],
-                          stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=60)
-    subprocess.run(["runc", "--root", str(state), "delete", "-f", cid], capture_output=True)
+    (bundle / "config.json").write_text(json.dumps(config))  # a folder the user may edit
+    proc = runc_run()
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == "hello from 0 in /"
 
