@@ -50,6 +50,30 @@ if ! ls "$ARM64_DEBS"/busybox-static_*_arm64.deb >/dev/null 2>&1; then
     (cd "$ARM64_DEBS" && $SUDO apt-get update -qq && $SUDO apt-get download -qq busybox-static:arm64)
 fi
 
+# Cross-building the runtime for arm64 (runtime/README.md, "Cross-building") and the arm64 tests
+# (tests/test_arm64.py): Debian's cross compiler, the arm64 static libraries the runtime links,
+# qemu-user for the runtime on its own, qemu-system for an arm64 VM booting Debian's arm64 kernel.
+ARM64_PKGS=(
+  gcc-aarch64-linux-gnu libc6-dev-arm64-cross qemu-user-static qemu-system-arm
+  libjansson-dev:arm64 libseccomp-dev:arm64 libfuse3-dev:arm64 libsquashfuse-dev:arm64
+  libzstd-dev:arm64 zlib1g-dev:arm64 liblzma-dev:arm64 liblz4-dev:arm64 liblzo2-dev:arm64
+)
+missing=()
+for p in "${ARM64_PKGS[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+  echo "setup: installing ${missing[*]}"
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null ||
+    { $SUDO apt-get update -qq &&
+      DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null; }
+fi
+# The arm64 VM's kernel: the .deb of Debian's generic arm64 flavour (tests/support/vm.py unpacks it).
+if ! ls "$ARM64_DEBS" | grep -Eq '^linux-image-[0-9][^_]*[0-9]-arm64_.*_arm64\.deb$'; then
+  kernel=$(apt-cache depends linux-image-arm64:arm64 | sed -n 's/.*Depends: \(linux-image-[^:]*\).*/\1/p' | head -n 1)
+  (cd "$ARM64_DEBS" && $SUDO apt-get download -qq "$kernel:arm64" 2>/dev/null)
+fi
+
 # Debian's docker-registry package starts a system service on :5000; the tests start their own.
 if command -v systemctl >/dev/null && systemctl is-active -q docker-registry 2>/dev/null; then
   $SUDO systemctl disable --now docker-registry >/dev/null 2>&1 || true
