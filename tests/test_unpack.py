@@ -143,3 +143,41 @@ def test_debian_images_unpack_like_umoci(ocibox, images, tmp_path: Path, name: s
     assert sorted(set(theirs) - devices) == sorted(set(ours) - devices)
     different = [p for p in theirs if p not in devices and theirs[p] != ours[p]]
     assert different == []
+
+
+@pytest.mark.parametrize("name", ["busybox-zstd", "busybox-uncompressed", "busybox-v2s2"])
+def test_zstd_plain_and_docker_v2s2_layers_unpack(ocibox, images, tmp_path: Path, name: str) -> None:
+    ocibox("unpack", images[name].ref, str(tmp_path / "b"))
+    assert (tmp_path / "b" / "rootfs" / "bin" / "busybox").is_file()
+
+
+@pytest.mark.slow
+@pytest.mark.rootless
+def test_debian_as_a_user_unpacks_like_umoci(ocibox_user, images, tmp_path: Path) -> None:
+    """As a user: the same tree as umoci --rootless, mode-000 files included (umoci#222), and the
+    image's owners in the .meta file and the user.rootlesscontainers xattr."""
+    if not shutil.which("umoci") or not shutil.which("skopeo"):
+        pytest.skip("umoci and skopeo are needed")
+    image = images["debian"]
+    layout = tmp_path / "layout"
+    subprocess.run(["skopeo", "copy", "--quiet", "--insecure-policy", "--src-tls-verify=false",
+                    f"docker://{image.ref}", f"oci:{layout}:test"], check=True, capture_output=True)
+    subprocess.run(["umoci", "unpack", "--rootless", "--image", f"{layout}:test", str(tmp_path / "umoci")],
+                   check=True, capture_output=True)
+    bundle = ocibox_user.home / "debian"
+    result = ocibox_user("unpack", image.ref, str(bundle))
+    assert "device nodes can't be made as a user" in result.stderr or "warning" not in result.stderr
+    theirs, ours = tree(tmp_path / "umoci" / "rootfs"), tree(bundle / "rootfs")
+    # umoci makes device nodes empty mode-0 files; ocibox skips them and records them in rootfs.meta
+    meta = [json.loads(line) for line in (bundle / "rootfs.meta").read_text().splitlines()]
+    devices = {r["path"].lstrip("/") for r in meta if r["type"] in ("char", "block")}
+    assert sorted(set(theirs) - devices) == sorted(ours)
+    assert [p for p in ours if theirs[p] != ours[p]] == []
+    uid = int(subprocess.run(["id", "-u", "ocibox-test"], capture_output=True, text=True).stdout)
+    assert {(bundle / "rootfs" / p).lstat().st_uid for p in list(ours)[:200]} == {uid}
+    for rec in meta:
+        p = bundle / "rootfs" / rec["path"].lstrip("/")
+        if rec["type"] in ("file", "dir"):
+            got = os.getxattr(p, "user.rootlesscontainers")
+            assert got == os.getxattr(tmp_path / "umoci" / "rootfs" / rec["path"].lstrip("/"),
+                                      "user.rootlesscontainers"), rec
