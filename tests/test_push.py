@@ -253,6 +253,7 @@ def test_a_multi_platform_index_is_pushed_whole_when_the_store_has_every_platfor
     result = ocibox("push", image.ref, dest)
 
     assert "alone" not in result.stderr
+    assert "Pushing multi-platform index" in result.stderr
     assert pushed_digest(result) == image.digest
     digest, index = remote_manifest(dest)
     assert digest == image.digest
@@ -261,6 +262,22 @@ def test_a_multi_platform_index_is_pushed_whole_when_the_store_has_every_platfor
     for platform in ("linux/amd64", "linux/arm64/v8"):
         wanted = image.manifests[platform].digest
         assert pull_into_fresh_store(ocibox, by_digest, "--platform", platform) == wanted
+
+
+def test_an_index_copied_into_the_store_with_skopeo_all_is_pushed_whole(ocibox, images, registry):
+    image = images["multiarch"]
+    name = registry.ref(unique("skopeo-all"), "1")
+    subprocess.run(
+        ["skopeo", "copy", "-q", "--all", "--src-tls-verify=false", f"docker://{image.ref}",
+         f"oci:{ocibox.root}:{name}"],
+        check=True,
+    )
+    dest = registry.ref(unique("from-skopeo"), "1")
+
+    result = ocibox("push", name, dest)
+
+    assert pushed_digest(result) == image.digest
+    assert remote_manifest(dest)[0] == image.digest
 
 
 def test_one_platform_of_an_index_is_pushed_alone_and_says_so(ocibox, images, registry):

@@ -341,7 +341,10 @@ def _plan(store: Store, name: str, digest: str, progress: Progress) -> _Plan:
     """The index whole when the store holds it and every manifest and blob under it; else the
     one manifest (with a note saying why)."""
     tagged = store.lookup(name)
-    index_digest = (tagged.annotations or {}).get(SOURCE_INDEX) if tagged is not None else None
+    index_digest = None
+    if tagged is not None:
+        is_index = tagged.media_type in INDEX_TYPES and tagged.digest == digest
+        index_digest = digest if is_index else (tagged.annotations or {}).get(SOURCE_INDEX)
     if index_digest and store.has_blob(index_digest):
         index_data = store.read_blob(index_digest)
         index = parse_manifest(index_data)
@@ -354,8 +357,17 @@ def _plan(store: Store, name: str, digest: str, progress: Progress) -> _Plan:
                         blobs.setdefault(desc.digest, desc)
                 top = Descriptor(index.media_type, index_digest, len(index_data))
                 manifests = [(desc, manifest.raw) for desc, manifest in children] + [(top, index_data)]
+                platforms = ", ".join(str(d.platform) for d, _ in children if d.platform)
+                progress.message(f"Pushing multi-platform index {index_digest} whole ({platforms})")
                 return _Plan(top, manifests, list(blobs.values()), True)
-            platform = tagged.platform if tagged is not None and tagged.platform else None
+            if digest == index_digest:  # the name is the index itself: this host's image of it
+                present = [
+                    d for d in index.manifests if d.media_type in MANIFEST_TYPES and store.has_blob(d.digest)
+                ]
+                chosen = Index(index.media_type, present).select(Platform.host())
+                digest, platform = chosen.digest, chosen.platform
+            else:
+                platform = tagged.platform if tagged is not None else None
             which = f"the {platform} image" if platform else "one image"
             progress.message(
                 f"Only {which} of multi-platform index {index_digest} is in the store: "
@@ -480,7 +492,8 @@ def _push(
         client.put_manifest(repository, desc.digest, data, _media_type(data, desc.media_type))
     top, data = plan.manifests[-1]
     client.put_manifest(repository, reference, data, _media_type(data, top.media_type))
-    progress.message(f"{target.tag or 'digest'}: digest: {plan.top.digest} size: {plan.top.size}")
+    tag = f"{target.tag}: " if target.tag else ""
+    progress.message(f"{tag}digest: {plan.top.digest} size: {plan.top.size}")
     uploaded = [r for r in results if r is not None]
     name = f"{target.name}:{target.tag}" if target.tag else f"{target.name}@{plan.top.digest}"
     return PushResult(
