@@ -144,9 +144,16 @@ static const int forwarded[] = {SIGTERM, SIGINT, SIGHUP, SIGQUIT, SIGUSR1, SIGUS
 int main(int argc, char **argv)
 {
     struct options o = {0};
-    parse_args(argc, argv, &o);
     struct config cfg;
-    config_load(&cfg, o.bundle);
+    struct rootfs_source source;
+    struct payload payload;
+    if (payload_open(&payload)) { /* a compiled executable: this file ends with an image */
+        payload_start(&payload, argc, argv, VERSION, &cfg, &source);
+    } else {
+        parse_args(argc, argv, &o);
+        config_load(&cfg, o.bundle);
+        source = (struct rootfs_source){.kind = ROOTFS_DIR, .path = cfg.root_path};
+    }
     char *id = o.id ? xasprintf("%s", o.id) : xasprintf("ocibox-%d", getpid());
     char *upper = absolute(o.upper);
     char *state_dir = absolute(o.state_dir);
@@ -182,7 +189,7 @@ int main(int argc, char **argv)
         close(sv[0]);
         set_title(argc, argv, "ocibox-init");
         struct rootfs_opts ro = {
-            .source = {.kind = ROOTFS_DIR, .path = cfg.root_path},
+            .source = source,
             .upper = upper,
             .userns = userns,
             .no_overlay = o.no_overlay,

@@ -108,10 +108,12 @@ void caps_apply(const struct config *cfg); /* after the user switch */
 /* ---- rootfs.c ---- */
 /* Where the image's file tree comes from. A directory today; a squashfs payload at an offset of a
  * file (mounted with FUSE) plugs in here as another kind, without touching the rest. */
-enum rootfs_kind { ROOTFS_DIR };
+enum rootfs_kind { ROOTFS_DIR, ROOTFS_SQUASHFS };
 struct rootfs_source {
     enum rootfs_kind kind;
     const char *path; /* ROOTFS_DIR: absolute host path of the image tree */
+    int fd;           /* ROOTFS_SQUASHFS: the file holding the image (kept open), */
+    uint64_t offset;  /* and where the squashfs starts in it */
 };
 
 struct rootfs_opts {
@@ -158,6 +160,23 @@ void seccomp_apply(const struct config *cfg);
 /* ---- init.c ---- */
 /* Forks the container process, becomes its PID 1 and never returns. */
 _Noreturn void init_run(const struct config *cfg, int pty_slave, bool setgroups_denied);
+
+/* ---- payload.c: a compiled executable (runtime + squashfs + config + footer) ---- */
+struct payload {
+    int fd; /* /proc/self/exe */
+    uint32_t version;
+    uint64_t file_size, payload_off, payload_size, config_off, config_size;
+    unsigned char sha256[32];
+    char digest[65]; /* hex */
+};
+bool payload_open(struct payload *p); /* false: this file has no payload (plain ocibox-runtime) */
+/* Handles the --ocibox-* options (some exit here) and fills in the config and the rootfs source. */
+void payload_start(struct payload *p, int argc, char **argv, const char *version, struct config *cfg,
+                   struct rootfs_source *src);
+
+/* ---- squashfuse.c ---- */
+/* Mounts the squashfs at offset of fd on mountpoint, served by FUSE threads of this process. */
+void squashfuse_mount(int fd, uint64_t offset, const char *mountpoint);
 
 /* ---- container.c ---- */
 /* Runs in the new namespaces; sync is the socket to the caller. Never returns. */

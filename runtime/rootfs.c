@@ -40,6 +40,12 @@ static char *rootfs_source_attach(const struct rootfs_source *src)
             die_msg("rootfs", src->path, "not a directory");
         return lower;
     }
+    case ROOTFS_SQUASHFS:
+        /* a compiled executable's payload, served by this process (squashfuse.c) */
+        if (mkdir("/lower", 0755) < 0)
+            die("rootfs", "/lower");
+        squashfuse_mount(src->fd, src->offset, "/lower");
+        return xasprintf("/lower");
     }
     die_msg("rootfs", NULL, "unknown rootfs source");
 }

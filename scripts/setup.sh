@@ -13,7 +13,7 @@ PKGS=(
   python3 python3-venv python3-zstandard python3-jsonschema
   # C runtime: compiler and static libraries
   gcc make pkg-config libjansson-dev libseccomp-dev libcap-dev libfuse3-dev libsquashfuse-dev
-  libzstd-dev zlib1g-dev liblzma-dev
+  libzstd-dev zlib1g-dev liblzma-dev liblz4-dev liblzo2-dev
   # rootless: subordinate ids and their helpers, FUSE
   uidmap fuse3 util-linux
   # test fixtures: a real registry, image builders, TLS certs, htpasswd
@@ -72,6 +72,19 @@ fi
 if ! ls "$ARM64_DEBS" | grep -Eq '^linux-image-[0-9][^_]*[0-9]-arm64_.*_arm64\.deb$'; then
   kernel=$(apt-cache depends linux-image-arm64:arm64 | sed -n 's/.*Depends: \(linux-image-[^:]*\).*/\1/p' | head -n 1)
   (cd "$ARM64_DEBS" && $SUDO apt-get download -qq "$kernel:arm64" 2>/dev/null)
+fi
+
+# libsquashfuse-dev is not co-installable across architectures: when the arm64 one (for the
+# cross-built runtime) is installed, the native static libraries go to /usr/local/lib/<triplet>,
+# which gcc searches, extracted from the native package.
+NATIVE_TRIPLET=$(gcc -dumpmachine)
+if [ ! -e "/usr/lib/$NATIVE_TRIPLET/libsquashfuse_ll.a" ] && [ ! -e "/usr/local/lib/$NATIVE_TRIPLET/libsquashfuse_ll.a" ]; then
+  sqtmp=$(mktemp -d)
+  (cd "$sqtmp" && $SUDO apt-get download -qq "libsquashfuse-dev:$(dpkg --print-architecture)" 2>/dev/null &&
+    dpkg-deb -x libsquashfuse-dev_*.deb x &&
+    $SUDO mkdir -p "/usr/local/lib/$NATIVE_TRIPLET" &&
+    $SUDO cp x/usr/lib/"$NATIVE_TRIPLET"/libsquashfuse*.a "/usr/local/lib/$NATIVE_TRIPLET/")
+  rm -rf "$sqtmp"
 fi
 
 # Debian's docker-registry package starts a system service on :5000; the tests start their own.
