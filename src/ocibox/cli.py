@@ -483,7 +483,30 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("logout", help="forget the credentials for a registry")
     p.add_argument("registry", nargs="?", metavar="REGISTRY", help="default: docker.io")
     p.set_defaults(func=cmd_logout)
+    p = sub.add_parser("compile", help="compile an image into one self-contained executable")
+    p.add_argument("image", metavar="IMAGE", help="a stored image, a reference to pull, or an archive file")
+    p.add_argument("-o", "--output", required=True, metavar="FILE", help="the executable to write")
+    p.add_argument("--env", action="append", metavar="K=V", help="bake in an environment variable")
+    p.add_argument("--volume", action="append", metavar="HOST:CTR[:ro]", help="bake in a bind mount")
+    p.add_argument("--entrypoint", metavar="CMD", help="replace the entrypoint (JSON array or words)")
+    p.add_argument("--cmd", metavar="ARGS", help="replace the default arguments (JSON array or words)")
+    p.add_argument("--bind-cwd", action="store_true",
+                   help="mount the caller's working directory at the same path and start there")
+    p.add_argument("--level", type=int, metavar="N", help="zstd level of the payload (default 15)")
+    p.set_defaults(func=cmd_compile)
     return parser
+
+
+def cmd_compile(args: argparse.Namespace) -> int:
+    from ocibox.compile import CompileOptions, compile_image
+
+    result = compile_image(CompileOptions(
+        image=args.image, output=args.output, env=args.env or [], volumes=args.volume or [],
+        entrypoint=args.entrypoint, cmd=args.cmd, bind_cwd=args.bind_cwd, level=args.level,
+    ))
+    _out(f"{result.output}: {result.image}, {_human_size(result.size)} "
+         f"(payload sha256:{result.payload_sha256})")
+    return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
