@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 
 from support.layout import Entry, Layout
+from test_registry import proxied_tls_registry, tls_registry  # noqa: F401 - fixtures, shared
 
 CHUNK = 8 << 20  # ocibox's default: bigger blobs go up in PATCH chunks
 
@@ -331,6 +332,30 @@ def test_push_to_a_token_registry_asks_for_push_scope_and_mounts(ocibox, token_r
     assert "Mounted from public/busybox" in result.stderr
     digest = pushed_digest(result)
     assert remote_manifest(dest, f"{reg.username}:{reg.password}")[0] == digest
+
+
+# --- TLS ----------------------------------------------------------------------------------------
+
+
+def test_push_over_tls_is_verified_unless_the_registry_is_named_insecure(
+    ocibox, images, proxied_tls_registry  # noqa: F811 - the fixture imported above
+):
+    name, ca, _, env = proxied_tls_registry
+    ocibox("pull", "-q", images["busybox"].ref)
+    dest = f"{name}/{unique('pushed')}:1"
+
+    refused = ocibox("push", images["busybox"].ref, dest, env=env, check=False)
+    assert_one_error(refused, f"can't reach registry {name}", "not trusted")
+
+    ocibox("push", "-q", "--insecure", images["busybox"].ref, dest, env=env)
+    verified = ocibox("push", images["busybox"].ref, dest, env={**env, "SSL_CERT_FILE": str(ca)})
+
+    assert pushed_digest(verified) == images["busybox"].digest
+    assert "Layer already exists" in verified.stderr
+    root = Path(ocibox.home) / "back"
+    ocibox("pull", "-q", dest, env={**env, "SSL_CERT_FILE": str(ca), "OCIBOX_ROOT": str(root)})
+    (entry,) = json.loads((root / "index.json").read_text())["manifests"]
+    assert entry["digest"] == images["busybox"].digest
 
 
 # --- errors ----------------------------------------------------------------------------------------
