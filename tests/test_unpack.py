@@ -9,6 +9,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 import uuid
 from pathlib import Path
 
@@ -181,3 +182,34 @@ def test_debian_as_a_user_unpacks_like_umoci(ocibox_user, images, tmp_path: Path
             got = os.getxattr(p, "user.rootlesscontainers")
             assert got == os.getxattr(tmp_path / "umoci" / "rootfs" / rec["path"].lstrip("/"),
                                       "user.rootlesscontainers"), rec
+
+
+@pytest.mark.slow
+def test_an_image_pushed_by_podman_unpacks_like_umoci(ocibox, images, registry, tmp_path: Path) -> None:
+    """podman (vfs storage) re-tars each layer from its own storage, with its own whiteouts and
+    gzip, and pushes it; ocibox unpacks what it pushed to the tree umoci makes of the original."""
+    if not shutil.which("podman") or not shutil.which("umoci"):
+        pytest.skip("podman and umoci are needed")
+    image = images["debian"]
+    layout = tmp_path / "layout"
+    subprocess.run(["skopeo", "copy", "--quiet", "--insecure-policy", "--src-tls-verify=false",
+                    f"docker://{image.ref}", f"oci:{layout}:test"], check=True, capture_output=True)
+    runroot = Path(tempfile.mkdtemp(prefix="ocibox-podman-"))  # podman wants it under 50 characters
+    podman = ["podman", "--root", str(tmp_path / "podman"), "--runroot", str(runroot), "--storage-driver", "vfs"]
+    try:
+        pulled = subprocess.run(podman + ["pull", "-q", f"oci:{layout}:test"], capture_output=True, text=True)
+        assert pulled.returncode == 0, pulled.stderr
+        pushed = registry.ref("podman/debian")
+        push = subprocess.run(podman + ["push", "-q", "--tls-verify=false", "--remove-signatures",
+                                        pulled.stdout.strip(), f"docker://{pushed}"], capture_output=True, text=True)
+        assert push.returncode == 0, push.stderr
+    finally:
+        subprocess.run(podman + ["rmi", "-a", "-f"], capture_output=True)
+        shutil.rmtree(runroot, ignore_errors=True)
+    subprocess.run(["umoci", "unpack", "--rootless", "--image", f"{layout}:test", str(tmp_path / "umoci")],
+                   check=True, capture_output=True)
+    ocibox("unpack", pushed, str(tmp_path / "ours"))
+    theirs, ours = tree(tmp_path / "umoci" / "rootfs"), tree(tmp_path / "ours" / "rootfs")
+    devices = {p for p, t in ours.items() if t[0] == "dev"}
+    assert sorted(set(theirs) - devices) == sorted(set(ours) - devices)
+    assert [p for p in theirs if p not in devices and theirs[p] != ours[p]] == []
