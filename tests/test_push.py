@@ -216,6 +216,22 @@ def test_a_registry_hiccup_during_an_upload_is_retried(ocibox, fault_proxy, imag
     assert remote_manifest(dest)[0] == image.digest
 
 
+def test_a_dropped_chunk_starts_the_upload_over(ocibox, fault_proxy, images):
+    image = images["busybox-uncompressed"]
+    ocibox("pull", "-q", image.ref)
+    dest = fault_proxy.ref(unique("chunk-hiccup"), "1")
+    fault_proxy.fail(status=502, times=1, path="/blobs/uploads/.+", method="PATCH")
+
+    result = ocibox("push", "--chunk-size", "512K", image.ref, dest)
+
+    failed = [r for r in fault_proxy.requests if r.fault]
+    assert len(failed) == 1 and failed[0].method == "PATCH"
+    starts = [r for r in fault_proxy.requests if r.method == "POST" and "mount=" not in r.path]
+    assert len(starts) == 1 + len(image.layers) + 1  # the config, each layer, one layer again
+    assert pushed_digest(result) == image.digest
+    assert pull_into_fresh_store(ocibox, dest) == image.digest
+
+
 # --- build --push --------------------------------------------------------------------------------
 
 
