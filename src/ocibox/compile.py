@@ -142,13 +142,13 @@ def _image(store, text: str):
 
 def compile_image(opts: CompileOptions, runtime: str | None = None) -> CompileResult:
     from ocibox.flatten import flatten
-    from ocibox.run import runtime_binary
+    from ocibox.runtimes import host_arch, runtime_for
     from ocibox.squashfs import SquashfsWriter
     from ocibox.store import Store
 
     store = Store.default().ensure()
     image = _image(store, opts.image)
-    runtime = runtime or runtime_binary()
+    runtime = runtime or str(runtime_for(host_arch()))
     with open(runtime, "rb") as f:
         elf = f.read()
     if elf[:4] != b"\x7fELF":
