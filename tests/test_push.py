@@ -415,6 +415,9 @@ def test_an_unprivileged_user_pushes_and_pulls_back(ocibox_user, images, registr
 
     assert pushed_digest(result) == image.digest
     assert remote_manifest(dest)[0] == image.digest
+    built = registry.ref(unique("user-built"), "1")
+    out = ocibox_user("build", "--from-binary", "/bin/busybox", "--tag", built, "--push", "-q")
+    assert remote_manifest(built)[0] == out.stdout.strip().splitlines()[-1]
 
 
 @pytest.mark.slow
