@@ -181,6 +181,9 @@ HOSTILE: list[Case] = [
     ("whiteout_folder_name_is_a_file", lambda o: [[F(".wh.etc/somefile", "non-empty")]],
      lambda w: _read(w.inside(".wh.etc/somefile")) == "non-empty"),
     ("opaque_through_symlink", lambda o: [[S("le", str(o))], [OPQ("le")]], lambda w: True),
+    ("opaque_through_symlink_inside", lambda o: [[D("etc"), F("etc/old", "x"), S("le", "/etc")],
+                                                 [OPQ("le"), F("etc/new", "y")]],
+     lambda w: sorted(tree(w.root)) == ["etc", "etc/new", "le"]),
     ("opaque_through_symlink_to_host_etc", lambda o: [[S("le", "/etc")], [OPQ("le")]], lambda w: True),
 ]
 

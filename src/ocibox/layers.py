@@ -656,26 +656,30 @@ class Applier:
             os.close(fd)
         os.rmdir(name, dir_fd=pfd)
 
-    def _hide_lower(self, dir_parts: list[str]) -> None:
-        """Remove what lower layers put under a folder, keeping this layer's entries."""
+    def _hide_lower(self, dir_parts: list[str], parent_fd: int | None = None) -> None:
+        """Remove what lower layers put under a folder, keeping this layer's entries. The folder
+        is found inside the root (through symlinks, as a chroot would); its subfolders exactly."""
         try:
-            fd = self._open_dir_exact(dir_parts)
+            if parent_fd is None:
+                assert self._resolver is not None
+                fd = self._resolver.open_dir(dir_parts, create=False)
+                try:
+                    rfd = os.open(".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=fd)
+                finally:
+                    os.close(fd)
+            else:
+                rfd = os.open(dir_parts[-1], os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC,
+                              dir_fd=parent_fd)
         except OSError:
             return
-        try:
-            rfd = os.open(".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=fd)
-        finally:
-            os.close(fd)
         try:
             with os.scandir(rfd) as it:
                 children = [(e.name, e.is_dir(follow_symlinks=False)) for e in it]
             for child, is_dir in children:
                 path = "/".join([*dir_parts, child])
-                if path in self._written and not is_dir:
-                    continue
                 if path in self._written or path in self._touched:
                     if is_dir:
-                        self._hide_lower([*dir_parts, child])
+                        self._hide_lower([*dir_parts, child], rfd)
                     continue
                 self._invalidate()
                 if is_dir:
@@ -802,7 +806,7 @@ class Applier:
                 self._remove(pfd, base, path)
                 os.mkdir(base, 0o700, dir_fd=pfd)
             elif self.rootless and st.st_mode & 0o700 != 0o700:
-                os.chmod(base, stat.S_IMODE(st.st_mode) | 0o700, dir_fd=pfd, follow_symlinks=False)
+                os.chmod(base, stat.S_IMODE(st.st_mode) | 0o700, dir_fd=pfd)  # a folder: lstat said so
         if not self.rootless:
             os.chown(base, m.uid, m.gid, dir_fd=pfd, follow_symlinks=False)
         self._dirs[path] = _PendingDir(stat.S_IMODE(m.mode), _ns(m))
