@@ -469,11 +469,23 @@ def test_over_a_base_no_parent_folder_is_rewritten(ocibox, tmp_path, busybox_bas
 
 
 @pytest.mark.parametrize("name", ["busybox", "busybox-v2s2", "multiarch"])
-def test_a_missing_base_is_pulled_first_and_keeps_its_manifest_type(ocibox, tmp_path, images, name):
+def test_a_missing_base_is_pulled_first_and_keeps_its_manifest_type(
+    ocibox, tmp_path, images, podman_image, name
+):
     base = images[name]
     out = tmp_path / "pulled.tar"
     result = ocibox(
-        "build", "--from-binary", BUSYBOX, "--base", base.ref, "-o", out, "-t", "localhost/on-pulled:1"
+        "build",
+        "--from-binary",
+        BUSYBOX,
+        "--base",
+        base.ref,
+        "-o",
+        out,
+        "-t",
+        podman_image,
+        "--cmd",
+        "sh -c 'echo $(id -un) sees $(ls /home)'",
     )
     assert "Pulling base image" in result.stderr
     archive = OciArchive(out)
@@ -491,10 +503,14 @@ def test_a_missing_base_is_pulled_first_and_keeps_its_manifest_type(ocibox, tmp_
     )
     assert "annotations" not in archive.manifest or not docker
     assert skopeo_inspect("oci-archive", out)["Architecture"] == "amd64"
-    config = json.loads(ocibox("inspect", "localhost/on-pulled:1").stdout)[0]["Config"]
+    config = json.loads(ocibox("inspect", podman_image).stdout)[0]["Config"]
     assert config["config"]["Env"] == amd64.config["config"]["Env"], "the base's config stays"
-    assert config["config"]["Entrypoint"] == ["/busybox"] and "Cmd" not in config["config"]
+    assert config["config"]["Entrypoint"] == ["/busybox"]
+    assert config["config"]["Cmd"] == ["sh", "-c", "echo $(id -un) sees $(ls /home)"]
     assert config["rootfs"]["diff_ids"][:-1] == amd64.config["rootfs"]["diff_ids"]
+    subprocess.run(["podman", "load", "-i", out], check=True, capture_output=True)
+    run = subprocess.run([*PODMAN_RUN, podman_image], capture_output=True, text=True)
+    assert (run.returncode, run.stdout) == (0, "root sees app\n"), run.stderr
 
 
 def test_the_program_must_match_the_base_platform(ocibox, tmp_path, busybox_base):
