@@ -161,7 +161,8 @@ def compile_image(opts: CompileOptions, runtime: str | None = None) -> CompileRe
         with os.fdopen(fd, "w+b") as out:
             out.write(elf)
             payload_off = out.tell()
-            with SquashfsWriter(out, compression="zstd", level=opts.level) as writer:
+            # the image's creation time as the image's own: the same image gives the same payload
+            with SquashfsWriter(out, compression="zstd", level=opts.level, mtime=_created(image)) as writer:
                 etc: dict[str, bytes] = {}
                 root = flatten(writer, layers, capture=CAPTURED, captured=etc)
                 payload_size = writer.finish(root)
@@ -186,6 +187,15 @@ def compile_image(opts: CompileOptions, runtime: str | None = None) -> CompileRe
             pass
         raise
     return CompileResult(str(out_path), size, payload_size, digest.hex(), image.name)
+
+
+def _created(image) -> int:
+    from datetime import datetime
+
+    try:
+        return max(0, int(datetime.fromisoformat(image.config.created.replace("Z", "+00:00")).timestamp()))
+    except (ValueError, TypeError, AttributeError):
+        return 0
 
 
 def _sha256(f, size: int) -> bytes:
