@@ -383,6 +383,39 @@ def cmd_tag(args: argparse.Namespace) -> int:
     return 0
 
 
+# --- run ---------------------------------------------------------------------------------------
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from ocibox.run import RunRequest, run
+
+    return run(RunRequest(
+        image=args.image,
+        command=list(args.command_args or []),
+        rm=args.rm,
+        env=args.env or [],
+        env_files=args.env_file or [],
+        volumes=args.volume or [],
+        tmpfs=args.tmpfs or [],
+        workdir=args.workdir,
+        user=args.user,
+        entrypoint=args.entrypoint,
+        hostname=args.hostname,
+        interactive=args.interactive,
+        tty=args.tty,
+        network=args.network,
+        read_only=args.read_only,
+        memory=args.memory,
+        cpus=args.cpus,
+        pids_limit=args.pids_limit,
+        ulimits=args.ulimit or [],
+        name=args.name,
+        platform=args.platform,
+        pull=args.pull,
+        quiet=args.quiet,
+    ))
+
+
 # --- parser ------------------------------------------------------------------------------------
 
 
@@ -420,6 +453,34 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_load)
 
     # Commands of other stages register below this line.
+    p = sub.add_parser("run", help="run a command in a new container", add_help=False,
+                       usage="ocibox run [OPTIONS] IMAGE|BUNDLE-DIR [COMMAND [ARG...]]")
+    p.add_argument("--help", action="help", help="show this help message and exit")
+    p.add_argument("--rm", action="store_true", help="remove the container when it exits")
+    p.add_argument("-e", "--env", action="append", metavar="K[=V]", help="set an environment variable")
+    p.add_argument("--env-file", action="append", metavar="FILE", help="read environment variables from FILE")
+    p.add_argument("-v", "--volume", action="append", metavar="HOST:CTR[:ro]", help="bind mount a path")
+    p.add_argument("--tmpfs", action="append", metavar="CTR[:OPTS]", help="mount a tmpfs")
+    p.add_argument("-w", "--workdir", metavar="DIR", help="working directory inside the container")
+    p.add_argument("-u", "--user", metavar="USER[:GROUP]", help="name or uid, optionally with a group")
+    p.add_argument("--entrypoint", metavar="CMD", help="replace the image's entrypoint (clears its Cmd)")
+    p.add_argument("-h", "--hostname", metavar="NAME", help="container host name")
+    p.add_argument("-i", "--interactive", action="store_true", help="keep stdin open")
+    p.add_argument("-t", "--tty", action="store_true", help="allocate a pseudo-terminal")
+    p.add_argument("--network", "--net", choices=["host", "none"], default="host",
+                   help="host (default: like a native program) or none (loopback only)")
+    p.add_argument("--read-only", action="store_true", help="mount the root filesystem read-only")
+    p.add_argument("-m", "--memory", metavar="SIZE", help="memory limit, e.g. 512m")
+    p.add_argument("--cpus", metavar="N", help="number of CPUs, e.g. 1.5")
+    p.add_argument("--pids-limit", type=int, metavar="N", help="maximum number of processes")
+    p.add_argument("--ulimit", action="append", metavar="NAME=SOFT[:HARD]", help="resource limit")
+    p.add_argument("--name", help="a name for the container")
+    p.add_argument("--platform", metavar="OS/ARCH", help="platform to pull if the image is missing")
+    p.add_argument("--pull", choices=["missing", "always", "never"], default="missing")
+    p.add_argument("-q", "--quiet", action="store_true", help="no pull progress")
+    p.add_argument("image", metavar="IMAGE|BUNDLE-DIR")
+    p.add_argument("command_args", nargs=argparse.REMAINDER, metavar="COMMAND")
+    p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("build", help="build an image from a binary, FROM scratch or onto a base image")
     p.add_argument("--from-binary", required=True, metavar="PROG", help="the program: it becomes /PROG")
