@@ -160,6 +160,20 @@ def test_a_docker_v2s2_image_keeps_its_manifest_bytes(ocibox, images, registry):
     assert manifest["mediaType"] == "application/vnd.docker.distribution.manifest.v2+json"
 
 
+def test_push_by_digest_without_a_tag(ocibox, images, registry):
+    image = images["busybox"]
+    ocibox("pull", "-q", image.ref)
+    repo = registry.ref(unique("by-digest"), "x").rsplit(":", 1)[0]
+
+    result = ocibox("push", image.ref, f"{repo}@{image.digest}")
+
+    assert result.stdout.strip() == f"{repo}@{image.digest}"
+    assert remote_manifest(f"{repo}@{image.digest}")[0] == image.digest
+    wrong = "sha256:" + "0" * 64
+    refused = ocibox("push", image.ref, f"{repo}@{wrong}", check=False)
+    assert_one_error(refused, image.digest)
+
+
 # --- uploads: monolithic and chunked -----------------------------------------------------------
 
 
@@ -260,8 +274,11 @@ def test_build_push_needs_a_tag(ocibox, tmp_path):
 # --- multi-platform --------------------------------------------------------------------------------
 
 
-def test_a_multi_platform_index_is_pushed_whole_when_the_store_has_every_platform(ocibox, images, registry):
-    image = images["multiarch"]
+@pytest.mark.parametrize("name", ["multiarch", "multiarch-v2s2"])
+def test_a_multi_platform_index_is_pushed_whole_when_the_store_has_every_platform(
+    ocibox, images, registry, name
+):
+    image = images[name]
     ocibox("pull", "-q", "--platform", "linux/amd64", image.ref)
     ocibox("tag", image.ref, "keep/amd64:1")  # the amd64 manifest stays named
     ocibox("pull", "-q", "--platform", "linux/arm64/v8", image.ref)

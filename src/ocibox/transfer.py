@@ -439,6 +439,8 @@ def _push(
     from ocibox.registry.client import UPLOAD_CHUNK
 
     repository = target.repository
+    if target.digest and target.digest != plan.top.digest:
+        raise IntegrityError(f"can't push to {target.familiar}: the image's digest is {plan.top.digest}")
     progress.message(f"The push refers to repository [{target.name}]")
     sources = _mount_sources(store, target, {d.digest for d in plan.blobs})
     cancel = threading.Event()
@@ -486,8 +488,6 @@ def _push(
 
     # The manifests last, children before the index, so that the registry knows every reference.
     reference = target.tag or plan.top.digest
-    if target.digest and target.digest != plan.top.digest:
-        raise IntegrityError(f"{target.familiar}: the image's digest is {plan.top.digest}")
     for desc, data in plan.manifests[:-1]:
         client.put_manifest(repository, desc.digest, data, _media_type(data, desc.media_type))
     top, data = plan.manifests[-1]
