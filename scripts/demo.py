@@ -1,7 +1,9 @@
 """`make demo`: ocibox's main job on a built-in example, offline.
 
 A local docker-registry is started on a free port and seeded with a busybox image built from
-Debian's busybox-static; then ocibox pulls it and shows it, as a user would type it. The demo's
+Debian's busybox-static; then ocibox pulls it, shows it and runs it, builds an image from the
+static busybox binary with no Docker, runs that, compiles it into one executable, and runs the
+executable as an unprivileged user, as a user would type it. The demo's
 store is a temporary folder, removed at the end (set OCIBOX_DEMO_KEEP=1 to keep it).
 
 The demo is a list of steps (`STEPS`); each is a title and a function of the shared `Demo`
@@ -79,7 +81,46 @@ def list_images(demo: Demo) -> None:
 
 
 def inspect(demo: Demo) -> None:
-    demo.ocibox("inspect", demo.ref)
+    demo.ocibox("inspect", "--format", "{{json .Config.config}}", demo.ref)
+
+
+def run_pulled(demo: Demo) -> None:
+    demo.ocibox("run", "--rm", demo.ref, "sh", "-c", "echo hello from $(uname -s) in a container; id")
+
+
+def build_from_binary(demo: Demo) -> None:
+    demo.ocibox(
+        "build", "--from-binary", "/bin/busybox", "--tag", "localhost/demo/hello:1",
+        "--cmd", '["echo", "hello from an image built with ocibox build"]',
+    )
+
+
+def run_built(demo: Demo) -> None:
+    demo.ocibox("run", "--rm", "localhost/demo/hello:1")
+
+
+def compile_built(demo: Demo) -> None:
+    demo.ocibox("compile", "localhost/demo/hello:1", "-o", str(demo.workdir / "hello"))
+    size = (demo.workdir / "hello").stat().st_size
+    print(f"{demo.workdir / 'hello'}: one executable, {size / 1e6:.1f} MB")
+
+
+def run_compiled_as_user(demo: Demo) -> None:
+    """The executable needs nothing installed: run it as an unprivileged user, from /."""
+    exe = demo.workdir / "hello"
+    demo.workdir.chmod(0o755)
+    exe.chmod(0o755)
+    user = "ocibox-test"
+    if os.geteuid() == 0:
+        cmd = ["setpriv", f"--reuid={user}", f"--regid={user}", "--init-groups", "env", "-i",
+               "PATH=/usr/bin:/bin", f"HOME=/home/{user}", str(exe)]
+    else:
+        cmd = [str(exe)]
+    for args in ([], ["echo", "arguments replace the image's Cmd, as with docker run"]):
+        print(f"$ {shlex.join(cmd[-1:] + args)}   # as {user if os.geteuid() == 0 else 'you'}", flush=True)
+        result = subprocess.run(cmd + args, cwd="/")
+        if result.returncode != 0:
+            raise DemoFailed(f"the compiled executable exited with status {result.returncode}")
 
 
 STEPS: list[Step] = [
@@ -88,6 +129,11 @@ STEPS: list[Step] = [
     Step("Pull it into ocibox's store", pull),
     Step("List the images in the store", list_images),
     Step("Inspect the image", inspect),
+    Step("Run it as a container", run_pulled),
+    Step("Build an image from a static binary, no Docker", build_from_binary),
+    Step("Run the built image", run_built),
+    Step("Compile the built image into one executable", compile_built),
+    Step("Run the executable as an unprivileged user", run_compiled_as_user),
 ]
 
 
