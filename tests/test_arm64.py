@@ -14,10 +14,12 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
 import struct
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -25,6 +27,7 @@ import pytest
 from ocibox.elf import read_elf
 from ocibox.runtimes import host_arch, runtime_for
 from runtime_support import DOCKER_CAPS, base_config, resolve_seccomp
+from support.users import TEST_USER, as_user, user_exists, user_ids
 from support.vm import USER, Arm64Vm, Step
 
 REPO = Path(__file__).resolve().parent.parent
@@ -221,6 +224,7 @@ def test_compiled_arm64_file_is_the_arm64_runtime_with_a_payload(compiled_arm64,
     assert footer["config_end"] == footer["file_size"] - FOOTER.size
     config = json.loads(footer["config"])
     assert config["process"]["args"] == ["sh"]
+    assert config["annotations"]["org.opencontainers.image.architecture"] == "arm64"
 
 
 def test_compiled_arm64_info_under_qemu_user(compiled_arm64):
@@ -230,12 +234,23 @@ def test_compiled_arm64_info_under_qemu_user(compiled_arm64):
     assert "payload check: sha256 ok" in done.stdout
 
 
-def test_compiled_arm64_extracts_its_image_under_qemu_user(compiled_arm64, tmp_path):
-    out = tmp_path / "extracted"
-    done = subprocess.run(
-        [QEMU_USER, str(compiled_arm64), "--ocibox-extract", str(out)], capture_output=True, text=True
-    )
+@pytest.mark.parametrize("user", ["root", TEST_USER])
+def test_compiled_arm64_extracts_its_image_under_qemu_user(compiled_arm64, test_workdir, user):
+    """From an unrelated folder of the user's, as root and as the unprivileged test user."""
+    if user != "root" and not user_exists(user):
+        pytest.skip(f"user {user} is missing: run scripts/setup.sh")
+    folder = Path(tempfile.mkdtemp(prefix="arm64-extract-", dir=test_workdir))
+    exe = folder / "busybox-arm64"
+    shutil.copy2(compiled_arm64, exe)
+    cmd = [QEMU_USER, str(exe), "--ocibox-extract", "extracted"]
+    if user == "root":
+        done = subprocess.run(cmd, capture_output=True, text=True, cwd=folder)
+    else:
+        uid, gid = user_ids(user)
+        os.chown(folder, uid, gid)
+        done = as_user(cmd, user=user, check=False, cwd=folder)
     assert done.returncode == 0, done.stderr
+    out = folder / "extracted"
     assert read_elf(out / "bin" / "busybox").architecture == "arm64"
     assert "app:x:1000:1000" in (out / "etc" / "passwd").read_text()
     assert (out / "bin" / "sh").is_symlink()
