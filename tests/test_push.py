@@ -420,6 +420,31 @@ def test_a_bad_destination_is_one_line(ocibox, images):
     assert_one_error(result)
 
 
+def test_ctrl_c_during_a_push_stops_it_cleanly(ocibox, images, fault_proxy):
+    import signal
+    import time
+
+    ocibox("pull", "-q", images["busybox"].ref)
+    fault_proxy.fail(503, times=None, path="/blobs/uploads/")  # the push waits between retries
+    ctx = ocibox.context()
+    proc = subprocess.Popen(
+        [*ctx.command, "push", images["busybox"].ref, fault_proxy.ref(unique("interrupted"), "1")],
+        env=ctx.env,
+        cwd=ctx.home,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    deadline = time.monotonic() + 60
+    while not [r for r in fault_proxy.requests if r.fault] and time.monotonic() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130
+    assert err.strip().splitlines()[-1] == "ocibox: interrupted"
+    assert "Traceback" not in err
+
+
 # --- rootless ----------------------------------------------------------------------------------------
 
 
