@@ -119,6 +119,24 @@ def test_blobs_come_over_by_cross_repository_mount(ocibox, images, fault_proxy):
     assert remote_manifest(dest)[0] == image.digest
 
 
+def test_a_refused_mount_turns_into_an_upload(ocibox, fault_proxy):
+    # Built here and named on the registry, but never pushed there: the mount can't work.
+    local = fault_proxy.ref(unique("never-pushed"), "1")
+    ocibox("build", "--from-binary", "/bin/busybox", "--tag", local)
+    dest = fault_proxy.ref(unique("from-local"), "1")
+    fault_proxy.reset()
+
+    result = ocibox("push", local, dest)
+
+    mounts = [r for r in fault_proxy.requests if "mount=" in r.path]
+    assert len(mounts) == 2 and all(r.status == 202 for r in mounts)
+    # The registry opened an upload session instead; ocibox used it (no second POST).
+    assert not [r for r in fault_proxy.requests if r.method == "POST" and "mount=" not in r.path]
+    puts = [r for r in fault_proxy.requests if r.method == "PUT" and "/blobs/uploads/" in r.path]
+    assert len(puts) == 2 and all(r.status == 201 for r in puts)
+    assert remote_manifest(dest)[0] == pushed_digest(result)
+
+
 def test_a_second_push_uploads_no_blob(ocibox, images, fault_proxy):
     source = fault_proxy.ref("busybox")
     ocibox("pull", "-q", source)
