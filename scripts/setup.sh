@@ -50,16 +50,28 @@ if ! ls "$ARM64_DEBS"/busybox-static_*_arm64.deb >/dev/null 2>&1; then
     (cd "$ARM64_DEBS" && $SUDO apt-get update -qq && $SUDO apt-get download -qq busybox-static:arm64)
 fi
 
-# Cross-building the runtime for arm64 (runtime/README.md, "Cross-building") and the arm64 tests
-# (tests/test_arm64.py): Debian's cross compiler, the arm64 static libraries the runtime links,
-# qemu-user for the runtime on its own, qemu-system for an arm64 VM booting Debian's arm64 kernel.
-ARM64_PKGS=(
-  gcc-aarch64-linux-gnu libc6-dev-arm64-cross qemu-user-static qemu-system-arm
-  libjansson-dev:arm64 libseccomp-dev:arm64 libfuse3-dev:arm64 libsquashfuse-dev:arm64
-  libzstd-dev:arm64 zlib1g-dev:arm64 liblzma-dev:arm64 liblz4-dev:arm64 liblzo2-dev:arm64
-)
+# Cross-building the runtime (runtime/README.md, "Cross-building"): for arm64 on an amd64 host, for
+# amd64 on an arm64 host. Debian's cross compiler and the other architecture's static libraries that
+# the runtime links; qemu-user runs the cross-built runtime on its own, qemu-system-aarch64 an arm64
+# VM booting Debian's arm64 kernel (tests/test_arm64.py).
+case "$(dpkg --print-architecture)" in
+  amd64) CROSS_ARCH=arm64; CROSS_PKGS=(gcc-aarch64-linux-gnu libc6-dev-arm64-cross) ;;
+  arm64) CROSS_ARCH=amd64; CROSS_PKGS=(gcc-x86-64-linux-gnu libc6-dev-amd64-cross) ;;
+  *) CROSS_ARCH=""; CROSS_PKGS=() ;;
+esac
+if [ -n "$CROSS_ARCH" ]; then
+  if ! dpkg --print-foreign-architectures | grep -qx "$CROSS_ARCH"; then
+    $SUDO dpkg --add-architecture "$CROSS_ARCH"
+    $SUDO apt-get update -qq
+  fi
+  for lib in libjansson-dev libseccomp-dev libfuse3-dev libsquashfuse-dev libzstd-dev zlib1g-dev liblzma-dev \
+    liblz4-dev liblzo2-dev; do
+    CROSS_PKGS+=("$lib:$CROSS_ARCH")
+  done
+fi
+CROSS_PKGS+=(qemu-user-static qemu-system-arm)
 missing=()
-for p in "${ARM64_PKGS[@]}"; do
+for p in "${CROSS_PKGS[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
 done
 if [ ${#missing[@]} -gt 0 ]; then
