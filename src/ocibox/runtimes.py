@@ -6,8 +6,8 @@ Architectures use the OCI names, amd64 and arm64. `runtime_for(arch)` looks, in 
    architecture also `$OCIBOX_RUNTIME`, the variable `ocibox run` reads;
 2. the copy installed beside the package: `ocibox/libexec/<arch>/ocibox-runtime` (and, for the host's
    own architecture, `ocibox/libexec/ocibox-runtime`);
-3. the repository's builds: `runtime/build/<arch>/ocibox-runtime` from `make -C runtime ARCH=<arch>`,
-   and for the host's own architecture `runtime/ocibox-runtime` from `make -C runtime`.
+3. the repository's builds: `runtime/build/<arch>/ocibox-runtime` from `make -C runtime ARCH=<arch>`;
+   for the host's own architecture first `runtime/ocibox-runtime` from `make -C runtime`.
 
 A file found there must be a static ELF executable for that architecture: a runtime of the wrong
 architecture, or one needing shared libraries, would make an executable that fails only on the
@@ -48,13 +48,14 @@ def candidates(arch: str, package_dir: Path | None = None) -> list[Path]:
     """Where an installed or built runtime for `arch` may be, most specific first (no env)."""
     here = package_dir or Path(__file__).resolve().parent
     repo_runtime = here.parent.parent / "runtime"
-    paths = [here / "libexec" / arch / RUNTIME_NAME]
-    if arch == host_arch():
-        paths.append(here / "libexec" / RUNTIME_NAME)
-    paths.append(repo_runtime / "build" / arch / RUNTIME_NAME)
-    if arch == host_arch():
-        paths.append(repo_runtime / RUNTIME_NAME)
-    return paths
+    if arch != host_arch():
+        return [here / "libexec" / arch / RUNTIME_NAME, repo_runtime / "build" / arch / RUNTIME_NAME]
+    return [
+        here / "libexec" / arch / RUNTIME_NAME,
+        here / "libexec" / RUNTIME_NAME,
+        repo_runtime / RUNTIME_NAME,  # `make -C runtime`: what `ocibox run` uses too
+        repo_runtime / "build" / arch / RUNTIME_NAME,
+    ]
 
 
 def runtime_for(arch: str, package_dir: Path | None = None) -> Path:
