@@ -213,3 +213,31 @@ def test_an_image_pushed_by_podman_unpacks_like_umoci(ocibox, images, registry, 
     devices = {p for p, t in ours.items() if t[0] == "dev"}
     assert sorted(set(theirs) - devices) == sorted(set(ours) - devices)
     assert [p for p in theirs if p not in devices and theirs[p] != ours[p]] == []
+
+
+SUBUID_SCRIPT = """
+import os, sys
+from ocibox.store import Store
+from ocibox.unpack import ensure_rootfs
+store = Store(os.environ["OCIBOX_ROOT"])
+root = ensure_rootfs(store, store.load_image(sys.argv[1]))
+st = os.lstat(root / "etc" / "shadow")
+print(st.st_uid, st.st_gid, os.lstat(root / "bin" / "sh").st_uid)
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.rootless
+def test_a_users_cached_rootfs_belongs_to_their_subordinate_ids(ocibox_user, as_user, images) -> None:
+    """With /etc/subuid ranges the shared rootfs is unpacked as root of a user namespace: an image
+    file of gid 42 belongs to the user's subordinate gid 42 on disk, root's files to the user."""
+    from ocibox.userns import _ranges
+
+    starts = _ranges("/etc/subgid", "ocibox-test", -1)
+    if not starts or not shutil.which("newgidmap"):
+        pytest.skip("ocibox-test has no subordinate ids")
+    ref = images["debian"].ref
+    ocibox_user("pull", "-q", ref)
+    out = as_user(["/usr/bin/python3", "-c", SUBUID_SCRIPT, ref], env=ocibox_user.env).stdout.split()
+    uid = int(subprocess.run(["id", "-u", "ocibox-test"], capture_output=True, text=True).stdout)
+    assert [int(x) for x in out] == [uid, starts[0][0] + 42 - 1, uid]

@@ -547,7 +547,7 @@ class Applier:
             finally:
                 os.close(real)
         self._dirs.clear()
-        if self.rootless:
+        if self.rootless or self._records:
             self._write_meta()
         if self._root_fd >= 0:
             os.close(self._root_fd)
@@ -727,17 +727,24 @@ class Applier:
             self._create(lambda: os.mkfifo(base, 0o600, dir_fd=pfd), pfd, base, path)
             self._finish_special(m, pfd, base, path, kind)
         else:  # char, block
+            rec = {"path": "/" + path, "type": kind, "uid": m.uid, "gid": m.gid,
+                   "mode": stat.S_IMODE(m.mode), "rdev": [m.devmajor, m.devminor]}
             if self.rootless:
-                self._warn_once("dev", "device nodes can't be made as a user: skipped (recorded in .meta)")
-                self._remove(pfd, base, path)
-                rec = {"path": "/" + path, "type": kind, "uid": m.uid, "gid": m.gid,
-                       "mode": stat.S_IMODE(m.mode), "rdev": [m.devmajor, m.devminor]}
-                self._records[path] = rec
+                self._skip_device(pfd, base, path, rec)
                 return
             devtype = stat.S_IFCHR if kind == "char" else stat.S_IFBLK
             dev = os.makedev(m.devmajor, m.devminor)
-            self._create(lambda: os.mknod(base, 0o600 | devtype, dev, dir_fd=pfd), pfd, base, path)
+            try:
+                self._create(lambda: os.mknod(base, 0o600 | devtype, dev, dir_fd=pfd), pfd, base, path)
+            except PermissionError:  # root of a user namespace: no device nodes either
+                self._skip_device(pfd, base, path, rec)
+                return
             self._finish_special(m, pfd, base, path, kind)
+
+    def _skip_device(self, pfd: int, base: str, path: str, rec: dict) -> None:
+        self._warn_once("dev", "device nodes can't be made as a user: skipped (recorded in .meta)")
+        self._remove(pfd, base, path)
+        self._records[path] = rec
 
     def _create(self, make, pfd: int, base: str, path: str) -> None:
         try:

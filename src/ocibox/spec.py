@@ -11,9 +11,10 @@ This is the one place that turns an image into a runtime configuration (`ocibox 
 - Docker's default capabilities, masked and read-only paths, default mounts (/proc /dev /dev/pts
   /dev/shm /dev/mqueue /sys), RLIMIT_NOFILE, namespaces pid ipc uts mount, + user when rootless,
   + network with `--network none`.
-- rootless: a user namespace mapping the caller to root (or the given mappings), /sys bind-mounted
-  (sysfs can't be mounted without a network namespace of one's own), no gid= on devpts, and no
-  resources passed as asked: the runtime refuses them where the user has no delegated cgroup.
+- rootless: a user namespace mapping the caller to root and 1… to the user's subordinate ids when
+  there are (ocibox.userns.mappings, as the cached rootfs is unpacked), or the given mappings;
+  /sys bind-mounted (sysfs can't be mounted without a network namespace of one's own), no gid= on
+  devpts, and resources passed as asked: the runtime refuses them where the user has no delegated cgroup.
 - annotations like umoci's: org.opencontainers.image.{os,architecture,author,created,stopSignal,
   exposedPorts}, the image labels, and ocibox.volumes for the image's Volumes.
 """
@@ -305,8 +306,14 @@ def runtime_config(
                              "readonlyPaths": list(READONLY_PATHS)}
     if opts.rootless:
         namespaces.append({"type": "user"})
-        linux["uidMappings"] = opts.uid_mappings or [{"containerID": 0, "hostID": os.geteuid(), "size": 1}]
-        linux["gidMappings"] = opts.gid_mappings or [{"containerID": 0, "hostID": os.getegid(), "size": 1}]
+        if opts.uid_mappings is None or opts.gid_mappings is None:
+            from ocibox import userns
+
+            maps = userns.mappings()  # the same ranges the cached rootfs was unpacked with
+            if os.geteuid() == 0:
+                maps = userns.Mappings((userns.IdMap(0, 0, 1),), (userns.IdMap(0, 0, 1),))
+        linux["uidMappings"] = opts.uid_mappings or [m.to_json() for m in maps.uids]
+        linux["gidMappings"] = opts.gid_mappings or [m.to_json() for m in maps.gids]
     resources = _resources(opts)
     if resources is not None:
         linux["resources"] = resources

@@ -20,6 +20,7 @@ import os
 import tempfile
 from pathlib import Path
 
+from ocibox import userns
 from ocibox.errors import IntegrityError, NotFound, OciboxError
 from ocibox.image import Image, digest_hex
 from ocibox.layers import apply_layers, meta_path
@@ -58,22 +59,41 @@ def ensure_rootfs(store: Store, image: Image) -> Path:
             return target
         work = Path(tempfile.mkdtemp(prefix=f"rootfs-{target.name[:12]}-", dir=store.tmp_dir))
         try:
-            root = work / "rootfs"
-            apply_layers(root, layers, rootless=os.geteuid() != 0)
-            meta = meta_path(root)
-            if meta.exists():
-                os.replace(meta, meta_path(target))
-            os.rename(root, target)
+            if os.geteuid() != 0 and not userns.mappings().single:
+                # as root of a user namespace with the user's subordinate ids: real owners on disk,
+                # the ones the container's own user namespace shows (as podman stores images)
+                userns.run_as_root(_build, work, layers, target, False)
+            else:
+                _build(work, layers, target, os.geteuid() != 0)
         finally:
             remove_tree(work)
     return target
+
+
+def _build(work: Path, layers: list[tuple[Path, str]], target: Path, rootless: bool) -> None:
+    root = work / "rootfs"
+    try:
+        apply_layers(root, layers, rootless=rootless)
+        meta = meta_path(root)
+        if meta.exists():
+            os.replace(meta, meta_path(target))
+        os.rename(root, target)
+    except BaseException:
+        remove_tree(work)  # inside the namespace: files may belong to subordinate ids
+        raise
 
 
 def make_bundle(store: Store, image: Image, dest: Path, opts: RunOptions | None = None) -> Path:
     """An OCI runtime bundle of `image` in `dest` (which must not exist or be empty)."""
     dest = Path(dest)
     if opts is None:
-        opts = RunOptions(rootless=os.geteuid() != 0)
+        # user-owned files (umoci's way, a folder the user can edit and delete) and the one mapping
+        # that shows them as root's; the image's owners are in rootfs.meta and the xattr
+        rootless = os.geteuid() != 0
+        single = [{"containerID": 0, "hostID": os.geteuid(), "size": 1}]
+        single_gid = [{"containerID": 0, "hostID": os.getegid(), "size": 1}]
+        opts = RunOptions(rootless=rootless, uid_mappings=single if rootless else None,
+                          gid_mappings=single_gid if rootless else None)
     if dest.exists() and (not dest.is_dir() or any(dest.iterdir())):
         raise OciboxError(f"{dest} already exists and is not an empty folder")
     layers = _layer_files(store, image)
