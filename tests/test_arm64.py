@@ -27,7 +27,7 @@ import pytest
 from ocibox.elf import read_elf
 from ocibox.runtimes import host_arch, runtime_for
 from runtime_support import DOCKER_CAPS, base_config, resolve_seccomp
-from support.users import TEST_USER, as_user, user_exists, user_ids
+from support.users import TEST_USER, as_user, base_env, user_exists, user_ids
 from support.vm import USER, Arm64Vm, Step
 
 REPO = Path(__file__).resolve().parent.parent
@@ -59,10 +59,18 @@ def vm(tmp_path_factory) -> Arm64Vm:
     return Arm64Vm(tmp_path_factory.mktemp("arm64-vm"))
 
 
+def ocibox_env() -> dict[str, str]:
+    """This environment scrubbed of OCIBOX_*/XDG_*/proxies, running the repository's src/."""
+    return {**base_env(), "PYTHONPATH": str(REPO / "src")}
+
+
 def compile_arch_missing() -> str | None:
     """Why `ocibox compile --arch` can't be used yet, or None when it can."""
     done = subprocess.run(
-        [sys.executable, "-m", "ocibox", "compile", "--help"], capture_output=True, text=True, cwd=REPO
+        [sys.executable, "-m", "ocibox", "compile", "--help"],
+        capture_output=True,
+        text=True,
+        env=ocibox_env(),
     )
     if done.returncode != 0:
         return "the `ocibox compile` command is missing (`python -m ocibox compile --help` fails)"
@@ -78,13 +86,13 @@ def compiled_arm64(images, arm64_runtime, tmp_path_factory) -> Path:
         pytest.skip(reason)
     work = tmp_path_factory.mktemp("compile-arm64")
     out = work / "busybox-arm64"
-    env = {
-        "PATH": "/usr/sbin:/usr/bin:/sbin:/bin",
-        "HOME": str(work),
-        "OCIBOX_ROOT": str(work / "store"),
-        "OCIBOX_RUNTIME_ARM64": str(arm64_runtime),
-        "PYTHONPATH": str(REPO / "src"),
-    }
+    env = ocibox_env()
+    env.update(
+        HOME=str(work),
+        XDG_CACHE_HOME=str(work / "cache"),
+        OCIBOX_ROOT=str(work / "store"),
+        OCIBOX_RUNTIME_ARM64=str(arm64_runtime),
+    )
     done = subprocess.run(
         [
             sys.executable,
