@@ -140,6 +140,7 @@ def _layers() -> list[bytes]:
         D("tmp", mode=0o1777), FIFO("fifo"), CHR("null", 1, 3),
         F("xattr-file", "x", pax={"SCHILY.xattr.user.comment": "hello"}),
         S("abs-link", "/etc/passwd"), F("replaced", "old content"),
+        F("pair-a", "old pair"), H("pair-b", "pair-a"),
     ])
     middle = tar_bytes([
         F("data/a", "middle a", mode=0o600, uid=1000, gid=1000), WH("data/b"),
@@ -151,7 +152,7 @@ def _layers() -> list[bytes]:
     top = tar_bytes([
         D("data/sub", mode=0o750), F("data/sub/d", "top d"), WH("data/sub/c"),
         F("new/deep/file", "parents implied"), F("etc/motd", "hi\n", uid=0, gid=1000),
-        F("both1", "pair"), H("both2", "both1"),
+        F("both1", "pair"), H("both2", "both1"), F("pair-a", "new a"),
     ])
     return [base, middle, top]
 
@@ -196,6 +197,7 @@ def test_flatten_matches_applying_the_layers(tmp_path: Path) -> None:
     assert t["bin/tool"][1] == 0o4755 and t["tmp"][1] == 0o1777 and t["data/sub"][1] == 0o750
     assert t["hard-upper"][4] == t["link-src"][4] == t["hard-lower"][4] is not None
     assert t["both1"][4] == t["both2"][4] is not None
+    assert (extracted / "pair-a").read_text() == "new a" and (extracted / "pair-b").read_text() == "old pair"
     assert t["null"] == ("dev", 0o666, 0, "1:3", None) and t["fifo"][0] == "fifo"
     assert os.getxattr(extracted / "xattr-file", "user.comment") == b"hello"
     listing = subprocess.run(["unsquashfs", "-lln", str(image)], capture_output=True, text=True,

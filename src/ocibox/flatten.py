@@ -47,6 +47,18 @@ class _Link:
 
 
 @dataclass
+class _Layer:
+    """What one layer decided; applied to the lower layers once the layer has been read."""
+
+    index: int
+    provided: set[str] = field(default_factory=set)
+    cut: set[str] = field(default_factory=set)
+    seen: dict[str, Node] = field(default_factory=dict)  # this layer's nodes, for links to them
+    skipped: set[str] = field(default_factory=set)  # this layer's files that upper layers hide
+    late: dict[str, list[_Link]] = field(default_factory=dict)  # links to skipped files: read again
+
+
+@dataclass
 class _State:
     root: Dir
     provided: set[str] = field(default_factory=set)  # paths decided by upper layers
@@ -92,9 +104,7 @@ def _flatten_layer(
     writer: SquashfsWriter, state: _State, path: Path, diff_id: str | None, index: int
 ) -> None:
     name = f"layer {path.name[:19]}"
-    provided: set[str] = set()
-    cut: set[str] = set()
-    seen: dict[str, Node] = {}  # this layer's nodes by path, for links to earlier entries
+    layer = _Layer(index)
     with open(path, "rb", buffering=0) as raw:
         data = LayerStream(raw, name)
         try:
@@ -102,7 +112,7 @@ def _flatten_layer(
                 with tarfile.open(fileobj=data, mode="r|", errorlevel=1) as tar:
                     for m in tar:
                         state.entries += 1
-                        _entry(writer, state, tar, m, index, provided, cut, seen)
+                        _entry(writer, state, tar, m, layer)
                 data.drain()
             except (zlib.error, EOFError, tarfile.TarError) as e:
                 raise LayerError(f"{name}: bad layer data ({e})") from None
@@ -115,8 +125,29 @@ def _flatten_layer(
             data.close()
     if diff_id is not None and got != diff_id:
         raise IntegrityError(f"{name}: DiffID is {got}, the image config says {diff_id}")
-    state.provided |= provided
-    state.cut |= cut
+    if layer.late:
+        _read_late(writer, path, name, layer)
+    state.provided |= layer.provided
+    state.cut |= layer.cut
+
+
+def _read_late(writer: SquashfsWriter, path: Path, name: str, layer: _Layer) -> None:
+    """Reads the layer again for the files that only hard links of this layer still show."""
+    with open(path, "rb", buffering=0) as raw:
+        data = LayerStream(raw, name)
+        try:
+            with tarfile.open(fileobj=data, mode="r|", errorlevel=1) as tar:
+                for m in tar:
+                    key = "/".join(clean_name(m.name))
+                    links = layer.late.get(key)
+                    if links is None or not m.isreg():
+                        continue
+                    node = _node(writer, tar, m, None, key)
+                    for link in links:
+                        link.parent.entries[link.name] = node
+            data.drain()
+        finally:
+            data.close()
 
 
 def _hidden(state: _State, parts: list[str]) -> bool:
@@ -127,9 +158,9 @@ def _hidden(state: _State, parts: list[str]) -> bool:
 
 
 def _entry(
-    writer: SquashfsWriter, state: _State, tar: tarfile.TarFile, m: tarfile.TarInfo, index: int,
-    provided: set[str], cut: set[str], seen: dict[str, Node],
+    writer: SquashfsWriter, state: _State, tar: tarfile.TarFile, m: tarfile.TarInfo, layer: _Layer
 ) -> None:
+    provided, cut, seen = layer.provided, layer.cut, layer.seen
     parts = clean_name(m.name)
     key = "/".join(parts)
     base = parts[-1] if parts else ""
@@ -157,6 +188,8 @@ def _entry(
     waiting = state.links.pop(key, None)
     hidden = _hidden(state, parts)
     if hidden and waiting is None:
+        if m.isreg():
+            layer.skipped.add(key)
         return  # the streaming tar reader skips the unread data by itself
     node = _node(writer, tar, m, state if key in state.capture and not hidden else None, key)
     if waiting is not None:
@@ -180,14 +213,17 @@ def _entry(
         cut.add(key)
     if node is None:  # a hard link, resolved when its target is met
         target = _link_target(m)
-        if target in seen:
+        if target in layer.skipped:  # an upper layer replaced the target but not this link:
+            parent.entries[base] = Node()  # its content went by unread; a second pass reads it
+            layer.late.setdefault(target, []).append(_Link(parent, base, layer.index))
+        elif target in seen:
             if isinstance(seen[target], Dir):
                 raise LayerError(f"entry {m.name!r}: hard link to a folder")
             parent.entries[base] = seen[target]
             seen[key] = seen[target]
         else:
             parent.entries[base] = Node()  # placeholder until the target is met
-            state.links.setdefault(target, []).append(_Link(parent, base, index))
+            state.links.setdefault(target, []).append(_Link(parent, base, layer.index))
         return
     if isinstance(node, Dir) and isinstance(old, Dir):
         _set_attrs(old, m)  # a folder over a folder: contents merge, the later attributes win
