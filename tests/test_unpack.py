@@ -241,3 +241,41 @@ def test_a_users_cached_rootfs_belongs_to_their_subordinate_ids(ocibox_user, as_
     out = as_user(["/usr/bin/python3", "-c", SUBUID_SCRIPT, ref], env=ocibox_user.env).stdout.split()
     uid = int(subprocess.run(["id", "-u", "ocibox-test"], capture_output=True, text=True).stdout)
     assert [int(x) for x in out] == [uid, starts[0][0] + 42 - 1, uid]
+
+
+OUT_OF_RANGE_SCRIPT = """
+import io, json, os, sys
+sys.path.insert(0, sys.argv[1])
+from layer_builder import D, F, tar_bytes
+from ocibox.layers import apply_layer
+from ocibox.userns import run_as_root
+
+def unpack():
+    layer = [D("./", 0o755), D("data", 0o750, uid=1000, gid=1000), F("data/far", "x", uid=100000, gid=5)]
+    apply_layer("rootfs", io.BytesIO(tar_bytes(layer)))
+    st = os.lstat("rootfs/data/far")
+    return [os.lstat("rootfs/data").st_uid, st.st_uid, st.st_gid]
+
+print(json.dumps(run_as_root(unpack)))
+print(open("rootfs.meta").read())
+"""
+
+
+@pytest.mark.rootless
+def test_owners_beyond_the_users_ranges_go_to_the_meta_file(as_user, ocibox_user, tmp_path: Path) -> None:
+    from ocibox.userns import _ranges
+
+    if not _ranges("/etc/subuid", "ocibox-test", -1) or not shutil.which("newuidmap"):
+        pytest.skip("ocibox-test has no subordinate ids")
+    tests = ocibox_user.home / "tests"
+    tests.mkdir()
+    shutil.copy(Path(__file__).parent / "layer_builder.py", tests / "layer_builder.py")
+    os.chmod(tests, 0o755)
+    work = ocibox_user.home / "unpack"
+    work.mkdir()
+    shutil.chown(work, "ocibox-test", "ocibox-test")
+    result = as_user(["/usr/bin/python3", "-c", OUT_OF_RANGE_SCRIPT, str(tests)], env=ocibox_user.env, cwd=work)
+    first, *meta = result.stdout.splitlines()
+    assert json.loads(first) == [1000, 0, 0]  # 100000 is not mapped in the namespace: left root:root
+    assert json.loads(meta[0]) == {"path": "/data/far", "type": "file", "uid": 100000, "gid": 5, "mode": 0o644}
+    assert "outside this user's id ranges" in result.stderr

@@ -701,7 +701,7 @@ class Applier:
                 self._dirs[""] = _PendingDir(stat.S_IMODE(m.mode), _ns(m))
                 self._set_owner_record("", m, kind)
                 if not self.rootless:
-                    os.chown(self.root, m.uid, m.gid)
+                    self._chown(m, "", "dir", self._root_fd, ".")
                 return
             raise LayerError(f"entry {m.name!r}: a {kind} can't replace the root folder")
         base = parts[-1]
@@ -718,7 +718,7 @@ class Applier:
         elif kind == "symlink":
             self._create(lambda: os.symlink(m.linkname, base, dir_fd=pfd), pfd, base, path)
             if not self.rootless:
-                os.chown(base, m.uid, m.gid, dir_fd=pfd, follow_symlinks=False)
+                self._chown(m, path, kind, pfd, base)
             self._set_owner_record(path, m, kind)
             os.utime(base, ns=(_ns(m), _ns(m)), dir_fd=pfd, follow_symlinks=False)
         elif kind == "hardlink":
@@ -746,6 +746,24 @@ class Applier:
         self._remove(pfd, base, path)
         self._records[path] = rec
 
+    def _chown(self, m: tarfile.TarInfo, path: str, kind: str, pfd: int = -1, base: str = "",
+               fd: int = -1) -> None:
+        """Real ownership (of fd, or of base in folder pfd, never following a symlink); as root of
+        a user namespace an owner outside its ranges can't be set (EINVAL): the file stays root's
+        and the image's owner goes to the .meta records."""
+        try:
+            if fd >= 0:
+                os.fchown(fd, m.uid, m.gid)
+            else:
+                os.chown(base, m.uid, m.gid, dir_fd=pfd, follow_symlinks=False)
+        except OSError as e:
+            if e.errno not in (errno.EINVAL, errno.EPERM):
+                raise
+            self._warn_once("chown", f"owner {m.uid}:{m.gid} of {m.name!r} is outside this user's id "
+                            "ranges: kept as root's (recorded in .meta)")
+            self._records[path] = {"path": "/" + path, "type": kind, "uid": m.uid, "gid": m.gid,
+                                   "mode": stat.S_IMODE(m.mode)}
+
     def _create(self, make, pfd: int, base: str, path: str) -> None:
         try:
             make()
@@ -755,7 +773,7 @@ class Applier:
 
     def _finish_special(self, m: tarfile.TarInfo, pfd: int, base: str, path: str, kind: str) -> None:
         if not self.rootless:
-            os.chown(base, m.uid, m.gid, dir_fd=pfd, follow_symlinks=False)
+            self._chown(m, path, kind, pfd, base)
         os.chmod(base, stat.S_IMODE(m.mode), dir_fd=pfd)
         self._set_owner_record(path, m, kind)
         os.utime(base, ns=(_ns(m), _ns(m)), dir_fd=pfd, follow_symlinks=False)
@@ -773,7 +791,7 @@ class Applier:
             elif m.size:
                 self._copy(tar.fileobj, fd, m.size)
             if not self.rootless:
-                os.fchown(fd, m.uid, m.gid)
+                self._chown(m, path, "file", fd=fd)
             mode = stat.S_IMODE(m.mode)
             os.fchmod(fd, mode)
             self._xattrs(m, fd, path)
@@ -815,7 +833,7 @@ class Applier:
             elif self.rootless and st.st_mode & 0o700 != 0o700:
                 os.chmod(base, stat.S_IMODE(st.st_mode) | 0o700, dir_fd=pfd)  # a folder: lstat said so
         if not self.rootless:
-            os.chown(base, m.uid, m.gid, dir_fd=pfd, follow_symlinks=False)
+            self._chown(m, path, "dir", pfd, base)
         self._dirs[path] = _PendingDir(stat.S_IMODE(m.mode), _ns(m))
         if m.pax_headers or (self.rootless and (m.uid or m.gid)):
             dfd = os.open(base, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=pfd)
