@@ -22,7 +22,6 @@ This is the one place that turns an image into a runtime configuration (`ocibox 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -46,56 +45,87 @@ MASKED_PATHS = [
 READONLY_PATHS = ["/proc/bus", "/proc/fs", "/proc/irq", "/proc/sys", "/proc/sysrq-trigger"]
 
 
-@dataclass
 class RunOptions:
-    """What `docker run` flags can change. None means "as the image says"."""
+    """What `docker run` flags can change. None means "as the image says".
 
-    args: list[str] | None = None  # COMMAND…: replaces Cmd
-    entrypoint: list[str] | None = None  # --entrypoint: replaces Entrypoint, clears Cmd
-    env: list[str] = field(default_factory=list)  # K=V, after the image's
-    workdir: str | None = None
-    user: str | None = None
-    hostname: str | None = None
-    volumes: list[tuple[str, str, bool]] = field(default_factory=list)  # (host, container, read_only)
-    tmpfs: list[str] = field(default_factory=list)  # "/path[:options]"
-    read_only: bool = False
-    network: str = "host"  # "host" or "none"
-    memory: int | None = None  # bytes
-    cpus: float | None = None
-    pids_limit: int | None = None
-    ulimits: list[tuple[str, int, int]] = field(default_factory=list)  # (name, soft, hard)
-    terminal: bool = False
-    rootless: bool = False
-    uid_mappings: list[dict[str, int]] | None = None
-    gid_mappings: list[dict[str, int]] | None = None
-    files: dict[str, str] = field(default_factory=dict)  # container path -> host file (bind, rw)
-    annotations: dict[str, str] = field(default_factory=dict)
+    A plain class rather than a dataclass: `ocibox run` imports this module on every start, and
+    the dataclasses module alone costs more than the rest of the run path (see run.py)."""
+
+    def __init__(
+        self,
+        *,
+        args: list[str] | None = None,  # COMMAND…: replaces Cmd
+        entrypoint: list[str] | None = None,  # --entrypoint: replaces Entrypoint, clears Cmd
+        env: list[str] | None = None,  # K=V, after the image's
+        workdir: str | None = None,
+        user: str | None = None,
+        hostname: str | None = None,
+        volumes: list[tuple[str, str, bool]] | None = None,  # (host, container, read_only)
+        tmpfs: list[str] | None = None,  # "/path[:options]"
+        read_only: bool = False,
+        network: str = "host",  # "host" or "none"
+        memory: int | None = None,  # bytes
+        cpus: float | None = None,
+        pids_limit: int | None = None,
+        ulimits: list[tuple[str, int, int]] | None = None,  # (name, soft, hard)
+        terminal: bool = False,
+        rootless: bool = False,
+        uid_mappings: list[dict[str, int]] | None = None,
+        gid_mappings: list[dict[str, int]] | None = None,
+        files: dict[str, str] | None = None,  # container path -> host file (bind, rw)
+        annotations: dict[str, str] | None = None,
+    ) -> None:
+        self.args = args
+        self.entrypoint = entrypoint
+        self.env = env or []
+        self.workdir = workdir
+        self.user = user
+        self.hostname = hostname
+        self.volumes = volumes or []
+        self.tmpfs = tmpfs or []
+        self.read_only = read_only
+        self.network = network
+        self.memory = memory
+        self.cpus = cpus
+        self.pids_limit = pids_limit
+        self.ulimits = ulimits or []
+        self.terminal = terminal
+        self.rootless = rootless
+        self.uid_mappings = uid_mappings
+        self.gid_mappings = gid_mappings
+        self.files = files or {}
+        self.annotations = annotations or {}
+
+    def __repr__(self) -> str:
+        return f"RunOptions({vars(self)!r})"
 
 
 # --- users -----------------------------------------------------------------------------------
 
 
 def _read_db(rootfs: Path | None, name: str) -> list[list[str]]:
-    """Rows of the rootfs' /etc/passwd or /etc/group, read without following symlinks out of it."""
+    """Rows of the rootfs' /etc/passwd or /etc/group, read without following symlinks out of it.
+
+    The common case (a real /etc folder and file) is opened component by component with
+    O_NOFOLLOW; where the image links them elsewhere, the link is resolved inside the root by
+    ocibox.layers' resolver."""
     if rootfs is None:
         return []
-    from ocibox.layers import O_PATH_DIR, _Openat2, _Resolver
-
     try:
-        root_fd = os.open(rootfs, O_PATH_DIR)
+        root_fd = os.open(rootfs, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
     except OSError:
         return []
     try:
-        opener = _Openat2()
-        resolver = _Resolver(root_fd, opener if opener.available else None)
-        dir_fd = resolver.open_dir(["etc"], create=False)
         try:
-            if opener.available:
-                fd = opener.open(dir_fd, name, os.O_RDONLY | os.O_CLOEXEC, 0x10)
-            else:
+            dir_fd = os.open("etc", os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=root_fd)
+            try:
                 fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
-        finally:
-            os.close(dir_fd)
+            finally:
+                os.close(dir_fd)
+        except FileNotFoundError:
+            return []
+        except OSError:  # ELOOP/ENOTDIR: a symlink on the way
+            fd = _open_in_root(root_fd, name)
         with open(fd, encoding="utf-8", errors="replace") as f:
             return [line.rstrip("\n").split(":") for line in f if line.strip() and not line.startswith("#")]
     except OSError:
@@ -104,12 +134,29 @@ def _read_db(rootfs: Path | None, name: str) -> list[list[str]]:
         os.close(root_fd)
 
 
-@dataclass
+def _open_in_root(root_fd: int, name: str) -> int:
+    from ocibox.layers import _Openat2, _Resolver
+
+    opener = _Openat2()
+    resolver = _Resolver(root_fd, opener if opener.available else None)
+    dir_fd = resolver.open_dir(["etc"], create=False)
+    try:
+        if opener.available:
+            return opener.open(dir_fd, name, os.O_RDONLY | os.O_CLOEXEC, 0x10)
+        return os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
 class User:
-    uid: int
-    gid: int
-    additional_gids: list[int]
-    home: str
+    def __init__(self, uid: int, gid: int, additional_gids: list[int], home: str) -> None:
+        self.uid, self.gid, self.additional_gids, self.home = uid, gid, additional_gids, home
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, User) and vars(self) == vars(other)
+
+    def __repr__(self) -> str:
+        return f"User({vars(self)!r})"
 
 
 def resolve_user(rootfs: Path | None, spec: str | None) -> User:
