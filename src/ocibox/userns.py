@@ -13,23 +13,17 @@ there as uid 0: unpacking with real chown, and removing what such an unpack wrot
 
 from __future__ import annotations
 
-import ctypes
 import os
-import pickle
-import pwd
-import shutil
-import subprocess
 from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 from ocibox.errors import OciboxError
 
 CLONE_NEWUSER = 0x10000000
 
 
-@dataclass(frozen=True)
-class IdMap:
+# NamedTuples, not dataclasses: `ocibox run` imports this module at every start.
+class IdMap(NamedTuple):
     container_id: int
     host_id: int
     size: int
@@ -38,8 +32,7 @@ class IdMap:
         return {"containerID": self.container_id, "hostID": self.host_id, "size": self.size}
 
 
-@dataclass(frozen=True)
-class Mappings:
+class Mappings(NamedTuple):
     uids: tuple[IdMap, ...]
     gids: tuple[IdMap, ...]
 
@@ -67,6 +60,9 @@ def _ranges(path: str, user: str, uid: int) -> list[tuple[int, int]]:
 def mappings() -> Mappings:
     """The mappings a rootless container of this user gets: root → the user, 1… → subordinate ids
     (when the user has ranges and the newuidmap/newgidmap helpers exist)."""
+    import pwd
+    import shutil
+
     uid, gid = os.getuid(), os.getgid()
     if uid == 0:
         return Mappings((IdMap(0, 0, 4294967295),), (IdMap(0, 0, 4294967295),))
@@ -92,6 +88,8 @@ def mappings() -> Mappings:
 
 
 def _write_maps(pid: int, maps: Mappings) -> None:
+    import subprocess
+
     if maps.single:
         with open(f"/proc/{pid}/setgroups", "w") as f:
             f.write("deny")
@@ -114,6 +112,9 @@ def run_as_root(fn: Callable[..., Any], *args: Any) -> Any:
     result or re-raise its OciboxError. As real root, just call it."""
     if os.geteuid() == 0:
         return fn(*args)
+    import ctypes
+    import pickle
+
     maps = mappings()
     ready_r, ready_w = os.pipe()
     go_r, go_w = os.pipe()
