@@ -39,15 +39,22 @@ def drop_caches() -> None:
     Path("/proc/sys/vm/drop_caches").write_text("3\n")
 
 
-def timed(cmd: list[str] | str, env: dict[str, str], shell: bool = False) -> tuple[float, int]:
+def timed(cmd: list[str] | str, env: dict[str, str], shell: bool = False) -> tuple[float, int, float]:
+    """(seconds, peak RSS in KiB, CPU seconds user+sys of the command and its children)."""
+    before = os.times()
     start = time.perf_counter()
     proc = subprocess.Popen(cmd, env=env, shell=shell, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     _, status, usage = os.wait4(proc.pid, 0)
     elapsed = time.perf_counter() - start
+    after = os.times()
     err = proc.stderr.read().decode(errors="replace") if proc.stderr else ""
     if os.waitstatus_to_exitcode(status) != 0:
         raise SystemExit(f"{cmd} failed:\n{err}")
-    return elapsed, usage.ru_maxrss
+    if shell:  # the shell waited for gzip and tar: they count among its children's times
+        cpu = (after.children_user - before.children_user) + (after.children_system - before.children_system)
+    else:
+        cpu = usage.ru_utime + usage.ru_stime
+    return elapsed, usage.ru_maxrss, cpu
 
 
 def layer_files(layout: Path, tag: str) -> list[Path]:
@@ -83,7 +90,7 @@ def main() -> int:
         shutil.copytree(built.path, layout)
         layers = layer_files(layout, args.image)
 
-        def run(tool: str, target: Path) -> tuple[float, int]:
+        def run(tool: str, target: Path) -> tuple[float, int, float]:
             if tool == "ocibox":
                 return timed([PYTHON, "-m", "ocibox", "unpack", ref, str(target)], env)
             if tool == "umoci":
@@ -96,15 +103,18 @@ def main() -> int:
         tools = ["ocibox", "umoci", "gzip|tar"]
         times: dict[str, list[float]] = {t: [] for t in tools}
         rss: dict[str, list[int]] = {t: [] for t in tools}
+        cpus: dict[str, list[float]] = {t: [] for t in tools}
         for n in range(args.runs):
             order = tools[n % 3:] + tools[: n % 3]
             for tool in order:
                 target = work / f"out-{tool.replace('|', '-')}-{n}"
                 drop_caches()
-                seconds, peak = run(tool, target)
+                seconds, peak, cpu = run(tool, target)
                 times[tool].append(seconds)
                 rss[tool].append(peak)
-                print(f"run {n + 1}: {tool:8s} {seconds:6.3f} s  peak RSS {peak / 1024:6.1f} MB", flush=True)
+                cpus[tool].append(cpu)
+                print(f"run {n + 1}: {tool:8s} {seconds:6.3f} s  cpu {cpu:6.3f} s  "
+                      f"peak RSS {peak / 1024:6.1f} MB", flush=True)
                 subprocess.run(["rm", "-rf", str(target)], check=True)
 
         med = {t: statistics.median(v) for t, v in times.items()}
@@ -115,6 +125,9 @@ def main() -> int:
               f"{med['umoci']:.3f} s, gzip -dc | tar -x {med['gzip|tar']:.3f} s")
         print(f"  ocibox / umoci    = {med['ocibox'] / med['umoci']:.2f}  (goal <= 0.50)")
         print(f"  ocibox / gzip|tar = {med['ocibox'] / med['gzip|tar']:.2f}  (goal <= 1.50)")
+        cpu = {t: statistics.median(v) for t, v in cpus.items()}
+        print(f"CPU (user+sys), median: ocibox {cpu['ocibox']:.2f} s, umoci {cpu['umoci']:.2f} s, "
+              f"gzip|tar {cpu['gzip|tar']:.2f} s  (wall ratios drift when other work shares the CPUs)")
         print(f"peak RSS: ocibox {max(rss['ocibox']) / 1024:.1f} MB, umoci {max(rss['umoci']) / 1024:.1f} MB")
     finally:
         registry.stop()
