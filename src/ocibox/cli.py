@@ -7,7 +7,6 @@ Modules are imported inside handlers so that `ocibox run` starts fast.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
@@ -15,6 +14,10 @@ from collections.abc import Sequence
 
 from ocibox import __version__
 from ocibox.errors import OciboxError
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:  # argparse is imported only where a parser is built: `ocibox run` skips it
+    import argparse
 
 COMMANDS_HELP = "Docker images without Docker: pull, run, build and compile OCI images, rootless."
 
@@ -229,6 +232,8 @@ def _size_arg(text: str) -> int:
     scale = units.get(value[-1:], 1)
     digits = value[:-1] if value[-1:] in units else value
     if not digits.isdigit() or int(digits) * scale <= 0:
+        import argparse
+
         raise argparse.ArgumentTypeError(f"invalid size {text!r}: use e.g. 8M, 512K or a byte count")
     return int(digits) * scale
 
@@ -420,6 +425,8 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    import argparse
+
     parser = argparse.ArgumentParser(prog="ocibox", description=COMMANDS_HELP)
     parser.add_argument("--version", action="version", version=f"ocibox {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
@@ -570,12 +577,80 @@ def cmd_compile(args: argparse.Namespace) -> int:
     return 0
 
 
+# `ocibox run` starts a process: its flags are read here without argparse, which alone would
+# cost more than the rest of the start. Anything this doesn't know (--help, an unknown or
+# malformed flag) goes to the argparse parser, which reports it as for every command.
+_RUN_FLAGS = {
+    "--rm": "rm", "-i": "interactive", "--interactive": "interactive", "-t": "tty", "--tty": "tty",
+    "--read-only": "read_only", "-q": "quiet", "--quiet": "quiet",
+}
+_RUN_OPTIONS = {
+    "-e": "env", "--env": "env", "--env-file": "env_file", "-v": "volume", "--volume": "volume",
+    "--tmpfs": "tmpfs", "-w": "workdir", "--workdir": "workdir", "-u": "user", "--user": "user",
+    "--entrypoint": "entrypoint", "-h": "hostname", "--hostname": "hostname", "--network": "network",
+    "--net": "network", "-m": "memory", "--memory": "memory", "--cpus": "cpus", "--pids-limit": "pids_limit",
+    "--ulimit": "ulimit", "--name": "name", "--platform": "platform", "--pull": "pull",
+}
+_RUN_LISTS = {"env", "env_file", "volume", "tmpfs", "ulimit"}
+_RUN_CHOICES = {"network": ("host", "none"), "pull": ("missing", "always", "never")}
+
+
+def _quick_run_args(argv: Sequence[str]):
+    """The run command's arguments as argparse would give them, or None to let argparse decide."""
+    from types import SimpleNamespace
+
+    values: dict = {name: [] for name in _RUN_LISTS}
+    values.update(dict.fromkeys(_RUN_FLAGS.values(), False))
+    values.update(workdir=None, user=None, entrypoint=None, hostname=None, network="host", memory=None,
+                  cpus=None, pids_limit=None, name=None, platform=None, pull="missing")
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        if not arg.startswith("-") or arg == "-":
+            break
+        flag, eq, inline = arg.partition("=") if arg.startswith("--") else (arg, "", "")
+        if arg.startswith("-") and not arg.startswith("--") and len(arg) > 2:
+            letters = [f"-{c}" for c in arg[1:]]
+            if not all(letter in _RUN_FLAGS for letter in letters):
+                return None
+            for letter in letters:
+                values[_RUN_FLAGS[letter]] = True
+        elif flag in _RUN_FLAGS and not eq:
+            values[_RUN_FLAGS[flag]] = True
+        elif flag in _RUN_OPTIONS:
+            if not eq:
+                i += 1
+                if i >= len(argv):
+                    return None
+                inline = argv[i]
+            name = _RUN_OPTIONS[flag]
+            if name in _RUN_CHOICES and inline not in _RUN_CHOICES[name]:
+                return None
+            if name == "pids_limit":
+                if not inline.lstrip("-").isdigit():
+                    return None
+                values[name] = int(inline)
+            elif name in _RUN_LISTS:
+                values[name].append(inline)
+            else:
+                values[name] = inline
+        else:
+            return None
+        i += 1
+    if i >= len(argv):
+        return None
+    return SimpleNamespace(func=cmd_run, image=argv[i], command_args=list(argv[i + 1 :]), **values)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    if not getattr(args, "func", None):
-        parser.print_help()
-        return 0
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = _quick_run_args(argv[1:]) if argv[:1] == ["run"] else None
+    if args is None:
+        parser = build_parser()
+        args = parser.parse_args(argv)
+        if not getattr(args, "func", None):
+            parser.print_help()
+            return 0
     try:
         return int(args.func(args) or 0)
     except OciboxError as exc:

@@ -14,60 +14,71 @@ from __future__ import annotations
 
 import json
 import os
-import re
-import secrets
-import shutil
 import signal
 import sys
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
-from pathlib import Path
 
 from ocibox.errors import NotFound, OciboxError
+from ocibox.locations import default_root
 
 FORWARDED = (signal.SIGTERM, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2, signal.SIGWINCH)
-_SIZE = re.compile(r"(?i)^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)i?b?\s*$")
+_SIZE = r"(?i)^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)i?b?\s*$"
 _ULIMITS = {
     "core", "cpu", "data", "fsize", "locks", "memlock", "msgqueue", "nice", "nofile", "nproc",
     "rss", "rtprio", "rttime", "sigpending", "stack", "as",
 }
 
 
-@dataclass
 class RunRequest:
-    """What the user asked for, as `docker run` spells it."""
+    """What the user asked for, as `docker run` spells it. (A plain class: this module is on the
+    path of every `ocibox run`, and importing dataclasses would cost more than the rest of it.)"""
 
-    image: str
-    command: list[str] = field(default_factory=list)
-    rm: bool = False
-    env: list[str] = field(default_factory=list)
-    env_files: list[str] = field(default_factory=list)
-    volumes: list[str] = field(default_factory=list)
-    tmpfs: list[str] = field(default_factory=list)
-    workdir: str | None = None
-    user: str | None = None
-    entrypoint: str | None = None
-    hostname: str | None = None
-    interactive: bool = False
-    tty: bool = False
-    network: str = "host"
-    read_only: bool = False
-    memory: str | None = None
-    cpus: str | None = None
-    pids_limit: int | None = None
-    ulimits: list[str] = field(default_factory=list)
-    name: str | None = None
-    platform: str | None = None
-    pull: str = "missing"
-    quiet: bool = False
+    def __init__(
+        self,
+        image: str,
+        command: list[str] | None = None,
+        *,
+        rm: bool = False,
+        env: list[str] | None = None,
+        env_files: list[str] | None = None,
+        volumes: list[str] | None = None,
+        tmpfs: list[str] | None = None,
+        workdir: str | None = None,
+        user: str | None = None,
+        entrypoint: str | None = None,
+        hostname: str | None = None,
+        interactive: bool = False,
+        tty: bool = False,
+        network: str = "host",
+        read_only: bool = False,
+        memory: str | None = None,
+        cpus: str | None = None,
+        pids_limit: int | None = None,
+        ulimits: list[str] | None = None,
+        name: str | None = None,
+        platform: str | None = None,
+        pull: str = "missing",
+        quiet: bool = False,
+    ) -> None:
+        self.image, self.command, self.rm = image, command or [], rm
+        self.env, self.env_files = env or [], env_files or []
+        self.volumes, self.tmpfs = volumes or [], tmpfs or []
+        self.workdir, self.user, self.entrypoint, self.hostname = workdir, user, entrypoint, hostname
+        self.interactive, self.tty, self.network, self.read_only = interactive, tty, network, read_only
+        self.memory, self.cpus, self.pids_limit, self.ulimits = memory, cpus, pids_limit, ulimits or []
+        self.name, self.platform, self.pull, self.quiet = name, platform, pull, quiet
 
 
-@dataclass(frozen=True)
 class Volume:
-    source: str
-    destination: str
-    read_only: bool = False
+    def __init__(self, source: str, destination: str, read_only: bool = False) -> None:
+        self.source, self.destination, self.read_only = source, destination, read_only
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Volume) and vars(self) == vars(other)
+
+    def __repr__(self) -> str:
+        return f"Volume({self.source!r}, {self.destination!r}, read_only={self.read_only})"
 
 
 # --- docker's flag syntax ------------------------------------------------------------------------
@@ -125,7 +136,9 @@ def parse_volume(text: str, cwd: str, anonymous_dir: Callable[[], str]) -> Volum
 
 def parse_size(text: str, flag: str) -> int:
     """Docker's sizes: `32m`, `1g`, `512k`, `1073741824` (bytes)."""
-    match = _SIZE.match(text)
+    import re
+
+    match = re.match(_SIZE, text)
     if not match:
         raise OciboxError(f"invalid {flag} {text!r}: use a size such as 512m or 2g")
     number, unit = float(match[1]), match[2].lower()
@@ -161,102 +174,243 @@ def parse_ulimit(text: str) -> tuple[str, int, int]:
     return name, soft, hard
 
 
+# --- the image, fast -------------------------------------------------------------------------------
+
+
+def _store_name(text: str) -> str | None:
+    """The name a stored image has for `text` (docker.io/library/x:latest for `x`), for the fast
+    look-up only: anything unusual returns None and takes the full path (ocibox.reference)."""
+    if not text or "@" in text or text.strip() != text:
+        return None
+    slash, colon = text.rfind("/"), text.rfind(":")
+    repo, tag = (text[:colon], text[colon + 1 :]) if colon > slash else (text, "latest")
+    if repo.lower() != repo:
+        return None
+    first, sep, rest = repo.partition("/")
+    if sep and ("." in first or ":" in first or first == "localhost"):
+        domain, path = first, rest
+    else:
+        domain, path = "docker.io", repo
+    if domain == "index.docker.io":
+        domain = "docker.io"
+    if domain == "docker.io" and "/" not in path:
+        path = "library/" + path
+    return f"{domain}/{path}:{tag}" if tag and path else None
+
+
+def _sha256_hex(data: bytes) -> str:
+    try:
+        from _sha256 import sha256  # the builtin module: no OpenSSL to load
+    except ImportError:
+        from hashlib import sha256
+    return sha256(data).hexdigest()
+
+
+class ReadyImage:
+    """A stored image with its rootfs unpacked: all `ocibox run` needs of it."""
+
+    def __init__(self, name: str, manifest_digest: str, config: dict, rootfs: str) -> None:
+        self.name, self.manifest_digest, self.config, self.rootfs = name, manifest_digest, config, rootfs
+
+
+def ready_image(root: str, text: str) -> ReadyImage | None:
+    """A stored image whose rootfs is already unpacked, found with nothing but JSON reads; None
+    when it isn't (then the full path pulls, unpacks and reports errors)."""
+    name = _store_name(text)
+    if name is None:
+        return None
+    blobs = os.path.join(root, "blobs", "sha256")
+    try:
+        with open(os.path.join(root, "index.json"), "rb") as f:
+            entries = json.load(f)["manifests"]
+        digest = next(
+            e["digest"] for e in entries
+            if (e.get("annotations") or {}).get("org.opencontainers.image.ref.name") == name
+        )
+        with open(os.path.join(blobs, digest.partition(":")[2]), "rb") as f:
+            manifest = json.load(f)
+        with open(os.path.join(blobs, manifest["config"]["digest"].partition(":")[2]), "rb") as f:
+            config = json.load(f)
+        chain = ""
+        for diff_id in config["rootfs"]["diff_ids"]:
+            chain = diff_id if not chain else "sha256:" + _sha256_hex(f"{chain} {diff_id}".encode())
+    except (OSError, ValueError, KeyError, TypeError, StopIteration, AttributeError):
+        return None
+    rootfs = os.path.join(root, "rootfs", chain.partition(":")[2] or _sha256_hex(b""))
+    if not os.path.isdir(rootfs):
+        return None
+    used = os.path.join(root, "used", digest.partition(":")[2])
+    try:
+        os.utime(used)
+    except OSError:
+        pass
+    return ReadyImage(name, digest, config, rootfs)
+
+
+def _prepare_image(req: RunRequest) -> ReadyImage:
+    """The slow path: find (or pull) the image through the store, and unpack it if needed."""
+    from ocibox import reference
+    from ocibox.store import Store
+    from ocibox.unpack import ensure_rootfs
+
+    store = Store.default().ensure()
+    image = None
+    if req.pull != "always":
+        try:
+            image = store.load_image(req.image)
+        except NotFound:
+            if req.pull == "never":
+                raise
+    if image is None:
+        from ocibox.image import Platform
+        from ocibox.progress import Progress
+        from ocibox.transfer import pull
+
+        ref = reference.parse(req.image)
+        progress = Progress.auto(quiet=req.quiet, stream=sys.stderr)
+        if req.pull != "always":
+            progress.message(f"Unable to find image '{ref.familiar}' locally")
+        platform = Platform.parse(req.platform) if req.platform else None
+        result = pull(ref, store, platform=platform, progress=progress)
+        image = store.load_image(result.name)
+    rootfs = ensure_rootfs(store, image)
+    store.mark_used(image.manifest_digest)
+    return ReadyImage(image.name, image.manifest_digest, image.config.raw, str(rootfs))
+
+
 # --- the container folder ------------------------------------------------------------------------
 
 
-def _etc_files(folder: Path, hostname: str, network: str) -> dict[str, str]:
+def _etc_files(folder: str, hostname: str, network: str) -> dict[str, str]:
     """hosts, hostname and resolv.conf for the container, bind-mounted read-write like docker's."""
-    files = {}
-    (folder / "hostname").write_text(hostname + "\n")
-    files["/etc/hostname"] = str(folder / "hostname")
     hosts = "127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n"
-    if network == "host":
-        try:
-            with open("/etc/hosts") as f:
-                hosts = f.read()
-        except OSError:
-            pass
-    hosts += f"127.0.1.1\t{hostname}\n"
-    (folder / "hosts").write_text(hosts)
-    files["/etc/hosts"] = str(folder / "hosts")
     resolv = ""
     if network == "host":
-        try:
-            with open("/etc/resolv.conf") as f:
-                resolv = f.read()
-        except OSError:
-            resolv = ""
-    (folder / "resolv.conf").write_text(resolv)
-    files["/etc/resolv.conf"] = str(folder / "resolv.conf")
-    return files
+        hosts = _read_text("/etc/hosts", hosts)
+        resolv = _read_text("/etc/resolv.conf", "")
+    files = {
+        "/etc/hostname": hostname + "\n",
+        "/etc/hosts": hosts + f"127.0.1.1\t{hostname}\n",
+        "/etc/resolv.conf": resolv,
+    }
+    out = {}
+    for target, text in files.items():
+        path = os.path.join(folder, os.path.basename(target))
+        with open(path, "w") as f:
+            f.write(text)
+        out[target] = path
+    return out
+
+
+def _read_text(path: str, default: str) -> str:
+    try:
+        with open(path) as f:
+            return f.read()
+    except OSError:
+        return default
 
 
 def runtime_binary() -> str:
-    """$OCIBOX_RUNTIME, the one installed beside the package, or the repository's build."""
+    """The runtime for this machine: $OCIBOX_RUNTIME, the one installed beside the package, the
+    repository's build, or one on PATH (the quick form of ocibox.runtimes.runtime_for)."""
     if path := os.environ.get("OCIBOX_RUNTIME"):
         return path
-    here = Path(__file__).resolve().parent
-    for candidate in (here / "libexec" / "ocibox-runtime", here.parent.parent / "runtime" / "ocibox-runtime"):
-        if candidate.is_file() and os.access(candidate, os.X_OK):
-            return str(candidate)
-    found = shutil.which("ocibox-runtime")
-    if found:
-        return found
+    here = os.path.dirname(os.path.abspath(__file__))
+    for candidate in (
+        os.path.join(here, "libexec", "ocibox-runtime"),
+        os.path.join(os.path.dirname(os.path.dirname(here)), "runtime", "ocibox-runtime"),
+    ):
+        if os.path.isfile(candidate) and os.access(candidate, os.X_OK):
+            return candidate
+    for folder in os.environ.get("PATH", "").split(os.pathsep):
+        candidate = os.path.join(folder, "ocibox-runtime")
+        if folder and os.path.isfile(candidate) and os.access(candidate, os.X_OK):
+            return candidate
     raise OciboxError("the ocibox runtime is missing: build it with `make -C runtime` or set OCIBOX_RUNTIME")
 
 
-def _remove(path: Path) -> None:
-    """Remove a container folder; files that the container's other users own need the namespace."""
+def _remove(path: str) -> None:
+    """Remove a container folder. Plain removal first (shutil would import bz2 and lzma at every
+    start); unreadable folders (overlayfs's work dir) and files of the container's other users
+    are left to store.remove_tree, through the user namespace where needed."""
+    try:
+        for top, dirs, files in os.walk(path, topdown=False):
+            for name in files:
+                os.unlink(os.path.join(top, name))
+            for name in dirs:
+                full = os.path.join(top, name)
+                os.unlink(full) if os.path.islink(full) else os.rmdir(full)
+        os.rmdir(path)
+        return
+    except OSError:
+        pass
+    from pathlib import Path
+
     from ocibox.store import remove_tree
 
     try:
-        remove_tree(path)
+        remove_tree(Path(path))
     except OSError:
         from ocibox import userns
 
-        userns.run_as_root(remove_tree, path)
+        userns.run_as_root(remove_tree, Path(path))
 
 
-def _name_taken(containers: Path, name: str) -> bool:
-    for state in containers.glob("*/state.json"):
+def _name_taken(containers: str, name: str) -> bool:
+    try:
+        entries = list(os.scandir(containers))
+    except OSError:
+        return False
+    for entry in entries:
         try:
-            if json.loads(state.read_text()).get("Name") == name:
-                return True
+            with open(os.path.join(entry.path, "state.json")) as f:
+                if json.load(f).get("Name") == name:
+                    return True
         except (OSError, ValueError):
             continue
     return False
+
+
+def _new_container(root: str) -> tuple[str, str]:
+    containers = os.path.join(root, "containers")
+    os.makedirs(containers, mode=0o755, exist_ok=True)
+    cid = os.urandom(32).hex()
+    folder = os.path.join(containers, cid)
+    os.mkdir(folder, 0o700)
+    return cid, folder
+
+
+def _write_json(path: str, doc: dict) -> None:
+    with open(path, "w") as f:
+        json.dump(doc, f, indent=2)
 
 
 # --- run -------------------------------------------------------------------------------------------
 
 
 def run(req: RunRequest) -> int:
-    from ocibox import spec
-    from ocibox.store import Store
-
-    store = Store.default().ensure()
-    bundle = Path(req.image)
-    if (bundle / "config.json").is_file():
-        return _run_bundle(store, bundle.resolve(), req)
-    image = _image(store, req)
-    from ocibox.unpack import ensure_rootfs
-
-    rootfs = ensure_rootfs(store, image)
-    store.mark_used(image.manifest_digest)
-    if req.name and _name_taken(store.containers_dir, req.name):
+    """Run a container as `req` says; returns its exit status (docker run's codes)."""
+    root = default_root()
+    if os.path.isfile(os.path.join(req.image, "config.json")):
+        return _run_bundle(root, os.path.abspath(req.image), req)
+    image = (ready_image(root, req.image) if req.pull != "always" else None) or _prepare_image(req)
+    if req.name and _name_taken(os.path.join(root, "containers"), req.name):
         raise OciboxError(f"the container name {req.name!r} is already in use")
-    cid = secrets.token_hex(32)
-    folder = store.containers_dir / cid
-    folder.mkdir(mode=0o700)
+    from ocibox import spec
+
+    try:
+        cid, folder = _new_container(root)
+    except OSError as exc:
+        raise OciboxError(f"cannot create the container folder in {root}: {exc.strerror}") from None
     try:
         # Docker: the host's name on the host network, else the container ID's prefix.
         hostname = req.hostname or (os.uname().nodename if req.network == "host" else cid[:12])
         anonymous = iter(range(1 << 30))
 
         def anonymous_dir() -> str:
-            path = folder / "volumes" / str(next(anonymous))
-            path.mkdir(parents=True)
-            return str(path)
+            path = os.path.join(folder, "volumes", str(next(anonymous)))
+            os.makedirs(path)
+            return path
 
         volumes = [parse_volume(v, os.getcwd(), anonymous_dir) for v in req.volumes]
         rootless = os.geteuid() != 0
@@ -286,72 +440,49 @@ def run(req: RunRequest) -> int:
             gid_mappings=[m.to_json() for m in maps.gids] if maps else None,
             files=_etc_files(folder, hostname, req.network),
         )
-        config = spec.runtime_config(image.config.raw, opts, rootfs=rootfs)
-        config["root"] = {"path": str(rootfs), "readonly": req.read_only}
-        (folder / "config.json").write_text(json.dumps(config, indent=2))
-        state = {"Id": cid, "Name": req.name or "", "Image": image.name, "ImageId": image.id,
-                 "Created": time.time(), "Status": "running", "Command": config["process"]["args"]}
-        (folder / "state.json").write_text(json.dumps(state))
-        status = _start(folder, cid, upper=folder / "layer")
+        config = spec.runtime_config(image.config, opts, rootfs=image.rootfs)
+        config["root"] = {"path": image.rootfs, "readonly": req.read_only}
+        _write_json(os.path.join(folder, "config.json"), config)
+        state = {"Id": cid, "Name": req.name or "", "Image": image.name,
+                 "ImageId": image.manifest_digest, "Created": time.time(), "Status": "running",
+                 "Command": config["process"]["args"]}
+        _write_json(os.path.join(folder, "state.json"), state)
+        status = _start(folder, cid, upper=os.path.join(folder, "layer"))
         state.update(Status="exited", ExitCode=status, Finished=time.time())
-        (folder / "state.json").write_text(json.dumps(state))
+        _write_json(os.path.join(folder, "state.json"), state)
         return status
     finally:
         if req.rm:
             _remove(folder)
 
 
-def _image(store, req: RunRequest):
-    """The stored image, pulled first when missing (or always, with --pull always)."""
-    from ocibox import reference
-
-    if req.pull != "always":
-        try:
-            return store.load_image(req.image)
-        except NotFound:
-            if req.pull == "never":
-                raise
-    from ocibox.image import Platform
-    from ocibox.progress import Progress
-    from ocibox.transfer import pull
-
-    ref = reference.parse(req.image)
-    progress = Progress.auto(quiet=req.quiet, stream=sys.stderr)
-    if req.pull != "always":
-        progress.message(f"Unable to find image '{ref.familiar}' locally")
-    platform = Platform.parse(req.platform) if req.platform else None
-    result = pull(ref, store, platform=platform, progress=progress)
-    return store.load_image(result.name)
-
-
-def _run_bundle(store, bundle: Path, req: RunRequest) -> int:
+def _run_bundle(root: str, bundle: str, req: RunRequest) -> int:
     """A bundle made by `ocibox unpack` (or by hand): run its config as it is; a COMMAND replaces
     its args. Writes go to a layer that `--rm` throws away, as for images."""
     try:
-        config = json.loads((bundle / "config.json").read_text())
+        with open(os.path.join(bundle, "config.json")) as f:
+            config = json.load(f)
     except (OSError, ValueError) as exc:
-        raise OciboxError(f"cannot read {bundle / 'config.json'}: {exc}") from None
-    cid = secrets.token_hex(32)
-    folder = store.containers_dir / cid
-    folder.mkdir(mode=0o700)
+        raise OciboxError(f"cannot read {os.path.join(bundle, 'config.json')}: {exc}") from None
+    cid, folder = _new_container(root)
     try:
-        root = config.get("root", {}).get("path", "rootfs")
-        config.setdefault("root", {})["path"] = str((bundle / root).resolve())
+        rootfs = config.get("root", {}).get("path", "rootfs")
+        config.setdefault("root", {})["path"] = os.path.realpath(os.path.join(bundle, rootfs))
         if req.command:
             config.setdefault("process", {})["args"] = req.command
         if req.tty:
             config.setdefault("process", {})["terminal"] = True
-        (folder / "config.json").write_text(json.dumps(config, indent=2))
-        return _start(folder, cid, upper=folder / "layer")
+        _write_json(os.path.join(folder, "config.json"), config)
+        return _start(folder, cid, upper=os.path.join(folder, "layer"))
     finally:
         if req.rm:
             _remove(folder)
 
 
-def _start(folder: Path, cid: str, upper: Path) -> int:
+def _start(folder: str, cid: str, upper: str) -> int:
     """Run the runtime on the container folder; forward signals; return the container's status."""
     runtime = runtime_binary()
-    argv = [runtime, "run", "--bundle", str(folder), "--upper", str(upper), cid]
+    argv = [runtime, "run", "--bundle", folder, "--upper", upper, cid]
     try:
         pid = os.fork()
     except OSError as exc:

@@ -22,10 +22,15 @@ This is the one place that turns an image into a runtime configuration (`ocibox 
 from __future__ import annotations
 
 import os
-from pathlib import Path
-from typing import Any
 
 from ocibox.errors import OciboxError
+
+# Types for annotations only: `ocibox run` imports this module at every start, and pathlib and
+# typing would add to it for nothing (the idiom the standard library itself uses).
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from pathlib import Path
+    from typing import Any
 
 OCI_VERSION = "1.0.2"
 DEFAULT_PATH = "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"

@@ -31,6 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
+from ocibox import locations
 from ocibox.errors import IntegrityError, NotFound, StoreError
 from ocibox.image import (
     INDEX_TYPES,
@@ -52,10 +53,7 @@ SOURCE_INDEX = "io.ocibox.source-index"
 
 
 def default_root() -> Path:
-    if root := os.environ.get("OCIBOX_ROOT"):
-        return Path(root)
-    data = os.environ.get("XDG_DATA_HOME") or os.path.join(os.path.expanduser("~"), ".local", "share")
-    return Path(data) / "ocibox"
+    return Path(locations.default_root())
 
 
 @contextlib.contextmanager

@@ -15,31 +15,41 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
-from typing import Any, NamedTuple
 
 from ocibox.errors import OciboxError
 
 CLONE_NEWUSER = 0x10000000
 
 
-# NamedTuples, not dataclasses: `ocibox run` imports this module at every start.
-class IdMap(NamedTuple):
-    container_id: int
-    host_id: int
-    size: int
+# Plain classes, not dataclasses or NamedTuples: `ocibox run` imports this module at every start.
+class IdMap:
+    def __init__(self, container_id: int, host_id: int, size: int) -> None:
+        self.container_id, self.host_id, self.size = container_id, host_id, size
 
     def to_json(self) -> dict[str, int]:
         return {"containerID": self.container_id, "hostID": self.host_id, "size": self.size}
 
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, IdMap) and vars(self) == vars(other)
 
-class Mappings(NamedTuple):
-    uids: tuple[IdMap, ...]
-    gids: tuple[IdMap, ...]
+    def __repr__(self) -> str:
+        return f"IdMap({self.container_id}, {self.host_id}, {self.size})"
+
+
+class Mappings:
+    def __init__(self, uids: tuple[IdMap, ...], gids: tuple[IdMap, ...]) -> None:
+        self.uids, self.gids = uids, gids
 
     @property
     def single(self) -> bool:
         """Only container root is mapped: files of other owners show as nobody."""
         return len(self.uids) == 1
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Mappings) and (self.uids, self.gids) == (other.uids, other.gids)
+
+    def __repr__(self) -> str:
+        return f"Mappings({self.uids!r}, {self.gids!r})"
 
 
 def _ranges(path: str, user: str, uid: int) -> list[tuple[int, int]]:
@@ -107,7 +117,7 @@ def _write_maps(pid: int, maps: Mappings) -> None:
             raise OciboxError(f"{tool} failed: {done.stderr.strip() or done.returncode}")
 
 
-def run_as_root(fn: Callable[..., Any], *args: Any) -> Any:
+def run_as_root(fn: Callable[..., object], *args: object) -> object:
     """Run `fn(*args)` as root of a new user namespace with this user's mappings; return its
     result or re-raise its OciboxError. As real root, just call it."""
     if os.geteuid() == 0:
@@ -136,7 +146,7 @@ def run_as_root(fn: Callable[..., Any], *args: Any) -> Any:
                 raise OciboxError("cannot map ids into the user namespace")
             os.setresgid(0, 0, 0)
             os.setresuid(0, 0, 0)
-            outcome: tuple[str, Any] = ("ok", fn(*args))
+            outcome: tuple[str, object] = ("ok", fn(*args))
         except OciboxError as exc:
             outcome, status = ("error", exc), 1
         except BaseException as exc:  # noqa: BLE001 - everything must cross the pipe as one line
