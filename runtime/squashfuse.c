@@ -125,6 +125,13 @@ void squashfuse_mount(int fd, uint64_t offset, const char *mountpoint)
     sqfs_ll *ll = xcalloc(1, sizeof *ll);
     if (sqfs_init(&ll->fs, fd, (size_t)offset) != SQFS_OK)
         die_msg("payload", "/proc/self/exe", "the squashfs payload can't be read (damaged file?)");
+    /* libsquashfuse keeps 1 data and 3 fragment blocks decompressed: a program opening many small
+     * files (python's imports) decompresses the same fragment blocks again and again */
+    sqfs_cache_destroy(&ll->fs.data_cache);
+    sqfs_cache_destroy(&ll->fs.frag_cache);
+    if (sqfs_block_cache_init(&ll->fs.data_cache, 8) != SQFS_OK ||
+        sqfs_block_cache_init(&ll->fs.frag_cache, 32) != SQFS_OK)
+        die_msg("payload", "/proc/self/exe", "squashfs block caches");
     if (sqfs_ll_init(ll) != SQFS_OK)
         die_msg("payload", "/proc/self/exe", "squashfs inode table");
 

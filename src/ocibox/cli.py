@@ -560,17 +560,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cmd", metavar="ARGS", help="replace the default arguments (JSON array or words)")
     p.add_argument("--bind-cwd", action="store_true",
                    help="mount the caller's working directory at the same path and start there")
-    p.add_argument("--level", type=int, metavar="N", help="zstd level of the payload (default 15)")
+    p.add_argument("--level", type=int, metavar="N", help="zstd level of the payload (default 10)")
+    p.add_argument("--block-size", type=_size_arg, metavar="SIZE",
+                   help="squashfs block size, a power of two from 4k to 1m (default 256k)")
     p.set_defaults(func=cmd_compile)
     return parser
 
 
 def cmd_compile(args: argparse.Namespace) -> int:
-    from ocibox.compile import CompileOptions, compile_image
+    from ocibox.compile import DEFAULT_BLOCK_SIZE, DEFAULT_LEVEL, CompileOptions, compile_image
 
     result = compile_image(CompileOptions(
         image=args.image, output=args.output, env=args.env or [], volumes=args.volume or [],
-        entrypoint=args.entrypoint, cmd=args.cmd, bind_cwd=args.bind_cwd, level=args.level,
+        entrypoint=args.entrypoint, cmd=args.cmd, bind_cwd=args.bind_cwd,
+        level=args.level or DEFAULT_LEVEL, block_size=args.block_size or DEFAULT_BLOCK_SIZE,
     ))
     _out(f"{result.output}: {result.image}, {_human_size(result.size)} "
          f"(payload sha256:{result.payload_sha256})")

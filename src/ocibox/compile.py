@@ -35,6 +35,10 @@ MAGIC = b"OCIBOX\x00\x01"
 FORMAT_VERSION = 1
 FOOTER = struct.Struct("<8sII4Q32s")  # 80 bytes
 CAPTURED = ("etc/passwd", "etc/group")  # read while flattening, to resolve the image's User
+# zstd 10 on 256 KiB blocks: about mksquashfs' default size (zstd 15, 128 KiB) in a third of the
+# time; 1 MiB blocks compress better still, but every small file read then decompresses more
+DEFAULT_LEVEL = 10
+DEFAULT_BLOCK_SIZE = 256 << 10
 
 
 @dataclass
@@ -46,7 +50,8 @@ class CompileOptions:
     entrypoint: str | None = None  # JSON array or one program; "" clears
     cmd: str | None = None  # JSON array or a shell-quoted line
     bind_cwd: bool = False
-    level: int | None = None  # zstd level
+    level: int = DEFAULT_LEVEL  # zstd level
+    block_size: int = DEFAULT_BLOCK_SIZE
     quiet: bool = False
 
 
@@ -162,7 +167,8 @@ def compile_image(opts: CompileOptions, runtime: str | None = None) -> CompileRe
             out.write(elf)
             payload_off = out.tell()
             # the image's creation time as the image's own: the same image gives the same payload
-            with SquashfsWriter(out, compression="zstd", level=opts.level, mtime=_created(image)) as writer:
+            with SquashfsWriter(out, compression="zstd", level=opts.level, block_size=opts.block_size,
+                                mtime=_created(image)) as writer:
                 etc: dict[str, bytes] = {}
                 root = flatten(writer, layers, capture=CAPTURED, captured=etc)
                 payload_size = writer.finish(root)
