@@ -233,3 +233,12 @@ def test_killing_ocibox_stops_the_container_and_leaves_nothing(ocibox, busybox):
     leftover = subprocess.run(["pgrep", "-f", "sleep 1000"], capture_output=True, text=True).stdout
     assert leftover.strip() == ""
     assert not any((ocibox.root / "containers").iterdir())
+
+
+def test_a_user_removes_an_image_whose_rootfs_holds_files_of_other_owners(ocibox_user, busybox):
+    ocibox_user("run", "--rm", "-q", busybox, "true")
+    rootfs = ocibox_user.root / "rootfs"
+    assert any(p.is_dir() for p in rootfs.iterdir())
+    assert any(p.stat().st_uid >= 100000 for p in rootfs.glob("*/home/app")), "unpacked with subordinate ids"
+    ocibox_user("rmi", busybox)
+    assert not any(p.is_dir() for p in rootfs.iterdir())

@@ -127,6 +127,19 @@ def remove_tree(path: Path) -> None:
     shutil.rmtree(path)
 
 
+def _remove_unpacked(path: Path) -> None:
+    """Remove an unpacked rootfs; a user's holds files of their subordinate ids (see unpack.py),
+    which only the user namespace that wrote them can remove."""
+    try:
+        remove_tree(path)
+    except OSError:
+        if os.geteuid() == 0:
+            raise
+        from ocibox import userns
+
+        userns.run_as_root(remove_tree, path)
+
+
 class BlobWriter:
     """A blob being written: bytes go to a temp file and through sha256; commit() verifies them.
 
@@ -448,7 +461,7 @@ class Store:
             for rootfs in self.rootfs_dir.iterdir():
                 name = rootfs.name.split(".", 1)[0]
                 if name not in chains or rootfs.name.startswith("."):
-                    remove_tree(rootfs)
+                    _remove_unpacked(rootfs)
                     removed += 1
             for used in self.used_dir.iterdir():
                 if used.name not in keep_hex:
