@@ -17,8 +17,12 @@
  * main.c (subuid ranges through newuidmap when present, else one mapping).
  *
  * The payload's sha256 is not checked at every start: that would read the whole image before
- * the program starts (about 0.25 s per 100 MB here). libsquashfuse checks the superblock, and
- * the hash is checked by --ocibox-verify, --ocibox-info and before every extraction.
+ * the program starts (0.35-0.45 s for the 73 MB python image here, page cache warm; a start is
+ * 10-20 ms). libsquashfuse checks the superblock, and the hash is checked by --ocibox-verify,
+ * --ocibox-info and before every extraction.
+ *
+ * The terminal: the process gets a pty when stdin and stdout are both terminals (a pty with stdout
+ * a pipe would turn "\n" into "\r\n" in the pipe).
  *
  * Without /dev/fuse, the payload is extracted once with libsquashfuse's reader into
  * $XDG_CACHE_HOME/ocibox/<payload sha256> (a temporary folder renamed into place, so concurrent

@@ -404,3 +404,20 @@ def test_python_image_compiles_and_runs(runner, images, user_dir: Path) -> None:
     for user in (None, USER):
         r = run([exe, "python3", "-c", code], user=user, cwd=user_dir if user else "/", timeout=120)
         assert (r.returncode, r.stdout) == (0, "True\n"), r.stderr
+
+
+def test_a_damaged_file_is_refused_when_checked(busybox_exe: Path, tmp_path: Path) -> None:
+    damaged = tmp_path / "damaged.exe"
+    data = bytearray(busybox_exe.read_bytes())
+    f = footer(busybox_exe)
+    data[f["payload_offset"] + f["payload_size"] // 2] ^= 0xFF
+    damaged.write_bytes(bytes(data))
+    damaged.chmod(0o755)
+    r = run([damaged, "--ocibox-verify", "true"])
+    assert r.returncode == 125 and "sha256 mismatch" in r.stderr
+    assert run([busybox_exe, "--ocibox-verify", "true"]).returncode == 0
+    truncated = tmp_path / "truncated.exe"
+    truncated.write_bytes(bytes(data[:-1]))  # no footer: a plain runtime, which wants `run`
+    truncated.chmod(0o755)
+    r = run([truncated, "echo"])
+    assert r.returncode == 125 and "usage" in r.stderr
