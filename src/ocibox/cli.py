@@ -669,3 +669,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         where = f" ({exc.filename})" if exc.filename else ""
         sys.stderr.write(f"ocibox: {exc.strerror or exc}{where}\n")
         return 125
+    except Exception as exc:  # a bug of ours: still one line, unless asked for the traceback
+        if os.environ.get("OCIBOX_DEBUG"):
+            raise
+        sys.stderr.write(f"ocibox: internal error: {type(exc).__name__}: {exc} "
+                         "(OCIBOX_DEBUG=1 shows the traceback; please report it)\n")
+        return 125
