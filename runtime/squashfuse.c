@@ -113,7 +113,8 @@ static const struct fuse_lowlevel_ops ops = {
 static void *serve(void *arg)
 {
     struct fuse_session *se = arg;
-    struct fuse_loop_config lc = {.clone_fd = 0, .max_idle_threads = 4};
+    /* enough idle workers that a burst of requests doesn't start and end threads each time */
+    struct fuse_loop_config lc = {.clone_fd = 0, .max_idle_threads = 16};
     int r = fuse_session_loop_mt(se, &lc);
     if (r != 0 && !fuse_session_exited(se))
         notice("squashfs server stopped: %s", strerror(r < 0 ? -r : r));

@@ -563,6 +563,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--level", type=int, metavar="N", help="zstd level of the payload (default 10)")
     p.add_argument("--block-size", type=_size_arg, metavar="SIZE",
                    help="squashfs block size, a power of two from 4k to 1m (default 256k)")
+    p.add_argument("--arch", choices=["amd64", "arm64"],
+                   help="the architecture to compile for (default: this machine's)")
     p.set_defaults(func=cmd_compile)
     return parser
 
@@ -573,7 +575,7 @@ def cmd_compile(args: argparse.Namespace) -> int:
     result = compile_image(CompileOptions(
         image=args.image, output=args.output, env=args.env or [], volumes=args.volume or [],
         entrypoint=args.entrypoint, cmd=args.cmd, bind_cwd=args.bind_cwd,
-        level=args.level or DEFAULT_LEVEL, block_size=args.block_size or DEFAULT_BLOCK_SIZE,
+        level=args.level or DEFAULT_LEVEL, block_size=args.block_size or DEFAULT_BLOCK_SIZE, arch=args.arch,
     ))
     _out(f"{result.output}: {result.image}, {_human_size(result.size)} "
          f"(payload sha256:{result.payload_sha256})")

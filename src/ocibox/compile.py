@@ -53,6 +53,7 @@ class CompileOptions:
     level: int = DEFAULT_LEVEL  # zstd level
     block_size: int = DEFAULT_BLOCK_SIZE
     quiet: bool = False
+    arch: str | None = None  # amd64 or arm64; None: this machine's
 
 
 @dataclass
@@ -120,29 +121,40 @@ def runtime_config(image_config: dict, opts: CompileOptions, name: str, etc: dic
     return config
 
 
-def _image(store, text: str):
+def _image(store, text: str, arch: str):
     """A stored image, an oci-archive/docker-archive file (loaded into the store), or a reference
-    (pulled when missing)."""
+    (pulled when missing, or when the stored one is for another architecture)."""
     from ocibox import archive
+    from ocibox.image import Platform
 
+    wanted = Platform("linux", arch)
     if os.path.isfile(text):
         names = archive.load(store, text)
         if not names:
             raise OciboxError(f"{text}: the archive holds no image")
-        return store.load_image(names[0])
+        return _checked_arch(store.load_image(names[0]), wanted)
     try:
-        return store.load_image(text)
+        image = store.load_image(text)
+        if wanted.matches(image.config.platform):
+            return image
+        message = f"the stored image is for {image.config.platform}: pulling it for {wanted}"
     except NotFound:
-        pass
+        message = None
     from ocibox import reference
     from ocibox.progress import Progress
     from ocibox.transfer import pull
 
     ref = reference.parse(text)
     progress = Progress.auto(quiet=False, stream=sys.stderr)
-    progress.message(f"Unable to find image '{ref.familiar}' locally")
-    result = pull(ref, store, progress=progress)
-    return store.load_image(result.name)
+    progress.message(message or f"Unable to find image '{ref.familiar}' locally")
+    result = pull(ref, store, platform=wanted, progress=progress)
+    return _checked_arch(store.load_image(result.name), wanted)
+
+
+def _checked_arch(image, wanted):
+    if not wanted.matches(image.config.platform):
+        raise OciboxError(f"{image.name} is an image for {image.config.platform}, not {wanted}")
+    return image
 
 
 def compile_image(opts: CompileOptions, runtime: str | None = None) -> CompileResult:
@@ -152,8 +164,9 @@ def compile_image(opts: CompileOptions, runtime: str | None = None) -> CompileRe
     from ocibox.store import Store
 
     store = Store.default().ensure()
-    image = _image(store, opts.image)
-    runtime = runtime or str(runtime_for(host_arch()))
+    arch = opts.arch or host_arch()
+    runtime = runtime or str(runtime_for(arch))  # before any pull: a missing runtime says so first
+    image = _image(store, opts.image, arch)
     with open(runtime, "rb") as f:
         elf = f.read()
     if elf[:4] != b"\x7fELF":
