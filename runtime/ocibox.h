@@ -113,7 +113,8 @@ struct rootfs_source {
     enum rootfs_kind kind;
     const char *path; /* ROOTFS_DIR: absolute host path of the image tree */
     int fd;           /* ROOTFS_SQUASHFS: the file holding the image (kept open), */
-    uint64_t offset;  /* and where the squashfs starts in it */
+    uint64_t offset;  /* where the squashfs starts in it, */
+    uint64_t size;    /* and its size */
 };
 
 struct rootfs_opts {
@@ -173,6 +174,10 @@ bool payload_open(struct payload *p); /* false: this file has no payload (plain 
 /* Handles the --ocibox-* options (some exit here) and fills in the config and the rootfs source. */
 void payload_start(struct payload *p, int argc, char **argv, const char *version, struct config *cfg,
                    struct rootfs_source *src);
+
+/* As real root: the squashfs at offset of fd through a read-only, auto-clearing loop device and the
+ * kernel's squashfs. false (nothing left attached) when the kernel can't, e.g. no loop devices. */
+bool payload_loop_mount(int fd, uint64_t offset, uint64_t size, const char *mountpoint);
 
 /* ---- squashfuse.c ---- */
 /* Mounts the squashfs at offset of fd on mountpoint, served by FUSE threads of this process. */

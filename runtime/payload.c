@@ -37,6 +37,9 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <linux/loop.h>
+#include <sys/ioctl.h>
+#include <sys/mount.h>
 #include <sys/stat.h>
 #include <sys/sysmacros.h>
 #include <unistd.h>
@@ -425,6 +428,46 @@ static char *cached_tree(const struct payload *p)
     return dest;
 }
 
+/* ---- as root: the kernel's squashfs on a loop device ---- */
+
+bool payload_loop_mount(int fd, uint64_t offset, uint64_t size, const char *mountpoint)
+{
+    int ctl = open(HOST "/dev/loop-control", O_RDWR | O_CLOEXEC);
+    if (ctl < 0)
+        return false;
+    bool done = false;
+    for (int attempt = 0; attempt < 8 && !done; attempt++) {
+        int n = ioctl(ctl, LOOP_CTL_GET_FREE);
+        if (n < 0)
+            break;
+        char dev[64];
+        snprintf(dev, sizeof dev, HOST "/dev/loop%d", n);
+        int loop = open(dev, O_RDONLY | O_CLOEXEC);
+        if (loop < 0)
+            break;
+        /* read-only, and detached by the kernel once unmounted and closed, so a SIGKILL at any
+         * point leaves no loop device behind */
+        struct loop_config lc;
+        memset(&lc, 0, sizeof lc);
+        lc.fd = (uint32_t)fd;
+        lc.info.lo_offset = offset;
+        lc.info.lo_sizelimit = size;
+        lc.info.lo_flags = LO_FLAGS_READ_ONLY | LO_FLAGS_AUTOCLEAR;
+        if (ioctl(loop, LOOP_CONFIGURE, &lc) < 0) {
+            int e = errno;
+            close(loop);
+            if (e == EBUSY) /* another process took this one first */
+                continue;
+            break;
+        }
+        done = mount(dev, mountpoint, "squashfs", MS_RDONLY | MS_NOSUID | MS_NODEV, NULL) == 0;
+        close(loop); /* without a mount, this last close detaches it */
+        break;
+    }
+    close(ctl);
+    return done;
+}
+
 /* ---- options and the config for this run ---- */
 
 static const char help[] =
@@ -699,7 +742,8 @@ void payload_start(struct payload *p, int argc, char **argv, const char *version
     if (fuse >= 0)
         close(fuse);
     if (usable) {
-        *src = (struct rootfs_source){.kind = ROOTFS_SQUASHFS, .fd = p->fd, .offset = p->payload_off};
+        *src = (struct rootfs_source){.kind = ROOTFS_SQUASHFS, .fd = p->fd, .offset = p->payload_off,
+                                      .size = p->payload_size};
         return;
     }
     char *tree = cached_tree(p);

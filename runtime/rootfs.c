@@ -41,10 +41,12 @@ static char *rootfs_source_attach(const struct rootfs_source *src)
         return lower;
     }
     case ROOTFS_SQUASHFS:
-        /* a compiled executable's payload, served by this process (squashfuse.c) */
+        /* a compiled executable's payload: as real root the kernel's squashfs on a loop device,
+         * else (or when that fails) served by this process with FUSE (squashfuse.c) */
         if (mkdir("/lower", 0755) < 0)
             die("rootfs", "/lower");
-        squashfuse_mount(src->fd, src->offset, "/lower");
+        if (geteuid() != 0 || !payload_loop_mount(src->fd, src->offset, src->size, "/lower"))
+            squashfuse_mount(src->fd, src->offset, "/lower");
         return xasprintf("/lower");
     }
     die_msg("rootfs", NULL, "unknown rootfs source");

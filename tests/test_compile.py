@@ -403,6 +403,8 @@ def _kill_and_check(proc: subprocess.Popen, busybox_exe: Path, marker: str, moun
     new_mounts = set(Path("/proc/self/mounts").read_text().splitlines()) - set(mounts_before.splitlines())
     assert not [m for m in new_mounts if "fuse" in m or "ocibox" in m]  # others' tests may mount too
     assert not [n for n in set(os.listdir("/tmp")) - tmp_before if "ocibox" in n or "squash" in n]
+    loops = subprocess.run(["losetup", "-a"], capture_output=True, text=True).stdout
+    assert str(busybox_exe) not in loops  # as root the payload is on an auto-clearing loop device
 
 
 def test_two_copies_run_at_once(busybox_exe: Path) -> None:
