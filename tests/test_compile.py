@@ -141,6 +141,7 @@ def _layers() -> list[bytes]:
         F("xattr-file", "x", pax={"SCHILY.xattr.user.comment": "hello"}),
         S("abs-link", "/etc/passwd"), F("replaced", "old content"),
         F("pair-a", "old pair"), H("pair-b", "pair-a"),
+        D("usr"), D("usr/lib"), F("usr/lib/libbase.so", "base"), S("lib", "usr/lib"),
     ])
     middle = tar_bytes([
         F("data/a", "middle a", mode=0o600, uid=1000, gid=1000), WH("data/b"),
@@ -153,6 +154,7 @@ def _layers() -> list[bytes]:
         D("data/sub", mode=0o750), F("data/sub/d", "top d"), WH("data/sub/c"),
         F("new/deep/file", "parents implied"), F("etc/motd", "hi\n", uid=0, gid=1000),
         F("both1", "pair"), H("both2", "both1"), F("pair-a", "new a"),
+        D("lib/extra"), F("lib/extra/libtop.so", "through the symlink"),
     ])
     return [base, middle, top]
 
@@ -198,6 +200,7 @@ def test_flatten_matches_applying_the_layers(tmp_path: Path) -> None:
     assert t["hard-upper"][4] == t["link-src"][4] == t["hard-lower"][4] is not None
     assert t["both1"][4] == t["both2"][4] is not None
     assert (extracted / "pair-a").read_text() == "new a" and (extracted / "pair-b").read_text() == "old pair"
+    assert t["lib"][0] == "symlink" and t["usr/lib/extra/libtop.so"][0] == "file"  # merged-usr
     assert t["null"] == ("dev", 0o666, 0, "1:3", None) and t["fifo"][0] == "fifo"
     assert os.getxattr(extracted / "xattr-file", "user.comment") == b"hello"
     listing = subprocess.run(["unsquashfs", "-lln", str(image)], capture_output=True, text=True,

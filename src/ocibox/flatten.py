@@ -67,6 +67,7 @@ class _State:
     entries: int = 0
     capture: tuple[str, ...] = ()
     captured: dict[str, bytes] = field(default_factory=dict)
+    relinks: list[tuple[Dir, str, Symlink, str]] = field(default_factory=list)  # see _relink
 
 
 def flatten(
@@ -86,7 +87,62 @@ def flatten(
     if state.links:
         target = next(iter(state.links))
         raise LayerError(f"hard link to {target!r}: no layer has that file")
+    for parent, name, link, key in state.relinks:
+        _relink(state.root, parent, name, link, key)
     return _finalise(state.root)
+
+
+def _relink(root: Dir, parent: Dir, name: str, link: Symlink, key: str) -> None:
+    """A lower layer's symlink (e.g. merged-usr's /lib -> usr/lib) where upper layers put files
+    under the same path: applied bottom-up, those files went through the symlink (layers.py
+    resolves parents inside the root), so they move to its target and the symlink comes back."""
+    here = parent.entries.get(name)
+    if not isinstance(here, Dir):
+        return
+    target = link.target if isinstance(link.target, str) else link.target.decode("utf-8", "surrogateescape")
+    start = [] if target.startswith("/") else key.split("/")[:-1]
+    dest = _resolve_dir(root, "/".join(start + [target]), 0)
+    if dest is None or dest is here:
+        return  # a target that isn't a folder: the files stay in a folder at this path
+    _merge(here, dest)
+    parent.entries[name] = link
+
+
+def _resolve_dir(root: Dir, path: str, depth: int) -> Dir | None:
+    """The folder at `path` inside the tree, symlinks followed inside the root; made if missing."""
+    if depth > 40:
+        return None
+    node, walked = root, []
+    for comp in clean_name("/" + path, "symlink target"):
+        child = node.entries.get(comp)
+        if child is None:
+            child = node.entries[comp] = Dir(mode=0o755)
+        if isinstance(child, Symlink):
+            target = child.target if isinstance(child.target, str) else child.target.decode(
+                "utf-8", "surrogateescape")
+            base = "" if target.startswith("/") else "/".join(walked)
+            resolved = _resolve_dir(root, f"{base}/{target}", depth + 1)
+            if resolved is None:
+                return None
+            child = resolved
+        if not isinstance(child, Dir):
+            return None
+        node = child
+        walked.append(comp)
+    return node
+
+
+def _merge(upper: Dir, lower: Dir) -> None:
+    """Moves upper's entries into lower; upper's win, folders merge."""
+    for name, node in upper.entries.items():
+        old = lower.entries.get(name)
+        if isinstance(node, Dir) and isinstance(old, Dir):
+            _merge(node, old)
+            if not isinstance(node, _Implicit):
+                old.mode, old.uid, old.gid = node.mode, node.uid, node.gid
+                old.mtime, old.xattrs = node.mtime, node.xattrs
+        else:
+            lower.entries[name] = node
 
 
 def _finalise(root: Dir) -> Dir:
@@ -207,7 +263,11 @@ def _entry(
         return
     old = parent.entries.get(base)
     if isinstance(old, _Implicit) and not isinstance(node, Dir) and key not in provided:
-        return  # upper layers put files inside this path: it stays a folder
+        if isinstance(node, Symlink):  # upper layers wrote through this symlink: see _relink
+            state.relinks.append((parent, base, node, key))
+            provided.add(key)
+            cut.add(key)
+        return  # else upper layers put files inside this path: it stays a folder
     provided.add(key)
     if not isinstance(node, Dir):
         cut.add(key)
