@@ -11,6 +11,8 @@ SUDO=""
 PKGS=(
   # Python: the interpreter every user runs ocibox with, and its few libraries
   python3 python3-venv python3-zstandard python3-jsonschema
+  # gzip layers inflated by ISA-L's igzip (ocibox.layers; zlib when missing)
+  isal
   # C runtime: compiler and static libraries
   gcc make pkg-config libjansson-dev libseccomp-dev libcap-dev libfuse3-dev libsquashfuse-dev
   libzstd-dev zlib1g-dev liblzma-dev liblz4-dev liblzo2-dev

@@ -1,8 +1,10 @@
 """Apply image layers (OCI changesets) to a root filesystem folder, safely and fast.
 
 One layer is a tar stream, compressed with gzip or zstd or not at all (told apart by the first
-bytes, not by the media type). Its sha256 (the DiffID) is computed while it streams and checked
-against the image config. Entries are applied as the OCI image-spec "Applying changesets" says:
+bytes, not by the media type). A gzip layer file is inflated by ISA-L's `igzip -dc` (Debian's isal
+package, three times zlib's speed, in its own process) when it is installed, else by zlib. Its
+sha256 (the DiffID) is computed while it streams and checked against the image config. Entries
+are applied as the OCI image-spec "Applying changesets" says:
 
 - regular files, directories, symlinks, hardlinks (to this layer or a lower one), fifos, device
   nodes (as root), sparse files, PAX/GNU long names, modes (setuid/setgid/sticky), mtimes, xattrs;
@@ -270,6 +272,10 @@ class LayerStream(io.RawIOBase):
 
     def _produce(self) -> None:
         try:
+            if self._igzip_ok():
+                self._igunzip()
+                self._put(None)
+                return
             head = self.raw.read(CHUNK)
             self.compression = detect_compression(head)
             if self.compression == "gzip":
@@ -306,6 +312,66 @@ class LayerStream(io.RawIOBase):
             chunk = self.raw.read(CHUNK)
         if fed or self.size == 0:
             raise zlib.error("truncated gzip stream")
+
+    def _igzip_ok(self) -> bool:
+        """Is the layer a gzip file on disk that ISA-L's igzip (Debian's isal, 3x zlib's speed)
+        can read straight from its fd?"""
+        if not isinstance(self.raw, io.FileIO):
+            return False
+        fd = self.raw.fileno()
+        try:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                return False
+            head = os.pread(fd, 2, os.lseek(fd, 0, os.SEEK_CUR))
+        except OSError:
+            return False
+        return detect_compression(head) == "gzip" and _igzip_path() is not None
+
+    def _igunzip(self) -> None:
+        """gzip through `igzip -dc` fed the layer's fd. Its output is checked as zlib's would be:
+        igzip's exit status (bad data, truncation, CRC), then the file's last 8 bytes must be the
+        trailer of the whole output (one member); anything else (several members, or bytes after
+        the stream, which igzip ignores) is read again by zlib, which refuses trailing garbage.
+        One case is not told apart: bytes after a one-member stream that end with a copy of its
+        own trailer; the files unpacked are the same and their DiffID is checked all the same."""
+        import subprocess
+
+        self.compression = "gzip"
+        fd = self.raw.fileno()
+        start = os.lseek(fd, 0, os.SEEK_CUR)
+        proc = subprocess.Popen([_igzip_path() or "igzip", "-dcq"], stdin=fd, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, bufsize=0)
+        crc = 0
+        try:
+            assert proc.stdout is not None and proc.stderr is not None
+            out = proc.stdout.fileno()
+            try:
+                fcntl_pipe_size(out, 1 << 20)
+            except OSError:
+                pass
+            while True:
+                data = _read_full(out, CHUNK)
+                if not data:
+                    break
+                crc = zlib.crc32(data, crc)
+                if not self._emit(data):
+                    return
+            proc.stderr.read()
+            if proc.wait() != 0:
+                raise zlib.error("truncated or corrupt gzip stream")
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+            for f in (proc.stdout, proc.stderr):
+                if f is not None:
+                    f.close()
+        end = os.fstat(fd).st_size
+        tail = os.pread(fd, 8, end - 8) if end - start >= 26 else b""
+        whole = len(tail) == 8 and self.size > 0 and tail == (
+            crc.to_bytes(4, "little") + (self.size & 0xFFFFFFFF).to_bytes(4, "little"))
+        if not whole:
+            _check_gzip(fd, start)
 
     def _unzstd(self, head: bytes) -> None:
         import zstandard
@@ -380,6 +446,62 @@ class LayerStream(io.RawIOBase):
 
     def hexdigest(self) -> str:
         return "sha256:" + self.digest.hexdigest()
+
+
+def _igzip_path() -> str | None:
+    for folder in ("/usr/bin", "/usr/local/bin", "/bin"):
+        path = folder + "/igzip"
+        if os.access(path, os.X_OK):
+            return path
+    return None
+
+
+def fcntl_pipe_size(fd: int, size: int) -> None:
+    import fcntl
+
+    fcntl.fcntl(fd, fcntl.F_SETPIPE_SZ, size)
+
+
+def _read_full(fd: int, n: int) -> bytes:
+    """Up to n bytes from a pipe, fewer only at its end."""
+    first = os.read(fd, n)
+    if not first or len(first) == n:
+        return first
+    parts = [first]
+    got = len(first)
+    while got < n:
+        data = os.read(fd, n - got)
+        if not data:
+            break
+        parts.append(data)
+        got += len(data)
+    return b"".join(parts)
+
+
+def _check_gzip(fd: int, start: int) -> None:
+    """Read the gzip stream at `start` of fd with zlib, output discarded: zlib.error unless it is
+    one or more complete members and nothing else."""
+    d = zlib.decompressobj(wbits=31)
+    fed = False
+    out = 0
+    pos = start
+    while True:
+        chunk = os.pread(fd, CHUNK, pos)
+        if not chunk:
+            break
+        pos += len(chunk)
+        data = chunk
+        while data:
+            fed = True
+            out += len(d.decompress(data, 4 * CHUNK))
+            if d.eof:
+                data = d.unused_data
+                d = zlib.decompressobj(wbits=31)
+                fed = False
+            else:
+                data = d.unconsumed_tail
+    if fed or out == 0:
+        raise zlib.error("truncated gzip stream")
 
 
 # --- rootless ownership records ---------------------------------------------------------------
