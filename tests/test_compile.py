@@ -418,9 +418,34 @@ def test_two_copies_run_at_once(busybox_exe: Path) -> None:
 
 
 @pytest.mark.slow
-def test_python_image_compiles_and_runs(runner, images, user_dir: Path) -> None:
+def test_python_image_compiles_and_runs(runner, images, user_dir: Path, tmp_path: Path) -> None:
     exe = user_dir / "python.exe"
     runner("compile", images["python"].ref, "-o", str(exe), timeout=900)
+    # the payload, read by unsquashfs, the kernel's squashfs and squashfuse, is `ocibox unpack`'s tree
+    runner("unpack", images["python"].ref, str(tmp_path / "bundle"), timeout=900)
+    unpacked = tmp_path / "bundle" / "rootfs"
+    expected = tree(unpacked)
+    f = footer(exe)
+    extracted = tmp_path / "extracted"
+    subprocess.run(["unsquashfs", "-q", "-o", str(f["payload_offset"]), "-d", str(extracted), str(exe)],
+                   check=True, capture_output=True)
+    assert tree(extracted) == expected
+    owners = {p: os.lstat(unpacked / p)[4:6] for p in expected}
+    assert {p: os.lstat(extracted / p)[4:6] for p in expected} == owners
+    kernel, fuse = tmp_path / "kernel", tmp_path / "fuse"
+    kernel.mkdir()
+    fuse.mkdir()
+    subprocess.run(["mount", "-t", "squashfs", "-o", f"loop,ro,offset={f['payload_offset']}", str(exe),
+                    str(kernel)], check=True)
+    try:
+        assert tree(kernel) == expected
+    finally:
+        subprocess.run(["umount", str(kernel)], check=True)
+    subprocess.run(["squashfuse_ll", "-o", f"offset={f['payload_offset']}", str(exe), str(fuse)], check=True)
+    try:
+        assert tree(fuse) == expected
+    finally:
+        subprocess.run(["fusermount3", "-u", str(fuse)], check=True)
     code = "import asyncio, email, json, sqlite3; print(sqlite3.sqlite_version_info >= (3,))"
     for user in (None, USER):
         r = run([exe, "python3", "-c", code], user=user, cwd=user_dir if user else "/", timeout=120)
