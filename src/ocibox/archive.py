@@ -19,11 +19,13 @@ import json
 import os
 import tarfile
 import tempfile
+import zlib
+from collections.abc import Iterator
 from pathlib import Path
 from typing import BinaryIO, Protocol
 
 from ocibox import reference
-from ocibox.errors import IntegrityError, NotFound
+from ocibox.errors import IntegrityError, NotFound, OciboxError, StoreError
 from ocibox.image import (
     OCI_CONFIG,
     OCI_INDEX,
@@ -34,6 +36,7 @@ from ocibox.image import (
     REF_NAME,
     Descriptor,
     Image,
+    ImageConfig,
     Index,
     Manifest,
     Platform,
@@ -79,24 +82,46 @@ def save(store: Store, refs: list[str], output: str, fmt: str = "oci-archive") -
 
 
 def write_archive(store: BlobSource, images: list[Image], output: str, fmt: str = "oci-archive") -> None:
-    """Write `images` (their blobs read from `store`) to the archive file `output`, atomically.
-    An image with an empty name is written without a name (no annotation, no RepoTags)."""
+    """Write `images` (their blobs read from `store`, each checked against its digest) to the
+    archive file `output`, atomically. An existing pipe or device (/dev/stdout) is written to, never
+    replaced. An image with an empty name is written without a name (no annotation, no RepoTags)."""
     out = Path(output)
-    fd, tmp = tempfile.mkstemp(dir=out.parent if str(out.parent) else ".", prefix=f".{out.name}.")
+    if not output or out.is_dir():
+        raise OciboxError(f"cannot write the archive to {output!r}: give a file name, not a folder")
+    with _output_errors(output):
+        if out.exists() and not out.is_file():
+            with open(out, "wb") as f:
+                _write_tar(store, images, f, fmt, stream=True)
+            return
+        fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.")
     try:
-        with os.fdopen(fd, "wb") as f, tarfile.open(fileobj=f, mode="w", format=tarfile.PAX_FORMAT) as tar:
-            if fmt == "docker-archive":
-                _save_docker(store, images, tar)
-            else:
-                _save_oci(store, images, tar)
-        umask = os.umask(0o022)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp made it 0600; an archive is an ordinary file
-        os.replace(tmp, out)
+        with _output_errors(output), os.fdopen(fd, "wb") as f:
+            _write_tar(store, images, f, fmt)
+            umask = os.umask(0o022)
+            os.umask(umask)
+            os.chmod(tmp, 0o666 & ~umask)  # mkstemp made it 0600; an archive is an ordinary file
+            os.replace(tmp, out)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+
+
+@contextlib.contextmanager
+def _output_errors(output: str) -> Iterator[None]:
+    """OS errors while writing the archive file: one line naming it (blob reads raise their own)."""
+    try:
+        yield
+    except OSError as exc:
+        raise OciboxError(f"cannot write {output}: {exc.strerror or exc}") from None
+
+
+def _write_tar(store: BlobSource, images: list[Image], f: BinaryIO, fmt: str, stream: bool = False) -> None:
+    with tarfile.open(fileobj=f, mode="w|" if stream else "w", format=tarfile.PAX_FORMAT) as tar:
+        if fmt == "docker-archive":
+            _save_docker(store, images, tar)
+        else:
+            _save_oci(store, images, tar)
 
 
 def _add_bytes(tar: tarfile.TarFile, name: str, data: bytes) -> None:
@@ -106,12 +131,37 @@ def _add_bytes(tar: tarfile.TarFile, name: str, data: bytes) -> None:
     tar.addfile(info, io.BytesIO(data))
 
 
-def _add_file(tar: tarfile.TarFile, name: str, path: Path) -> None:
+class _HashingReader:
+    """A blob file read through sha256, so that a blob damaged on disk is not saved."""
+
+    def __init__(self, f: BinaryIO) -> None:
+        self.f = f
+        self.hash = hashlib.sha256()
+
+    def read(self, n: int = -1) -> bytes:
+        data = self.f.read(n)
+        self.hash.update(data)
+        return data
+
+
+def _add_blob(tar: tarfile.TarFile, name: str, store: BlobSource, digest: str) -> None:
+    path = store.blob_path(digest)
+    try:
+        f = open(path, "rb")
+        size = os.fstat(f.fileno()).st_size
+    except FileNotFoundError:
+        raise StoreError(f"the store is missing blob {digest}: pull the image again") from None
+    except OSError as exc:
+        raise StoreError(f"cannot read blob {digest} of the store: {exc.strerror or exc}") from None
     info = tarfile.TarInfo(name)
-    info.size = path.stat().st_size
+    info.size = size
     info.mode = 0o644
-    with open(path, "rb") as f:
-        tar.addfile(info, f)
+    with f:
+        reader = _HashingReader(f)
+        tar.addfile(info, reader)  # type: ignore[arg-type]
+    if "sha256:" + reader.hash.hexdigest() != digest:
+        raise IntegrityError(f"blob {digest} in the store is damaged (its content does not match its "
+                             "digest): remove the image and pull or load it again")
 
 
 def _save_oci(store: BlobSource, images: list[Image], tar: tarfile.TarFile) -> None:
@@ -121,7 +171,7 @@ def _save_oci(store: BlobSource, images: list[Image], tar: tarfile.TarFile) -> N
     for image in images:
         for digest in [image.manifest.config.digest, *(d.digest for d in image.manifest.layers)]:
             if digest not in written:
-                _add_file(tar, f"blobs/sha256/{digest_hex(digest)}", store.blob_path(digest))
+                _add_blob(tar, f"blobs/sha256/{digest_hex(digest)}", store, digest)
                 written.add(digest)
         if image.manifest_digest not in written:
             _add_bytes(tar, f"blobs/sha256/{digest_hex(image.manifest_digest)}", image.manifest.raw)
@@ -152,7 +202,7 @@ def _save_docker(store: BlobSource, images: list[Image], tar: tarfile.TarFile) -
     for image in images:
         config_name = f"{digest_hex(image.id)}.json"
         if config_name not in written:
-            _add_file(tar, config_name, store.blob_path(image.id))
+            _add_blob(tar, config_name, store, image.id)
             written.add(config_name)
         layer_names = []
         diff_ids = image.config.diff_ids
@@ -193,13 +243,19 @@ class _Archive:
     """Random access to the members of an archive file by name."""
 
     def __init__(self, path: str) -> None:
+        if not path:
+            raise NotFound("no archive file given")
         try:
             self.tar = tarfile.open(path, mode="r:*")
             self.members = {m.name.removeprefix("./"): m for m in self.tar.getmembers() if m.isfile()}
         except FileNotFoundError:
             raise NotFound(f"no such file: {path}") from None
-        except (tarfile.TarError, EOFError, OSError) as exc:
-            raise IntegrityError(f"{path} is not a readable image archive: {exc}") from None
+        except OSError as exc:
+            raise IntegrityError(f"{path} is not a readable image archive: {exc.strerror or exc}") from None
+        except (tarfile.TarError, EOFError, zlib.error) as exc:
+            # tarfile's "could not be opened" lists every compression it tried, one per line
+            detail = str(exc) if "\n" not in str(exc) else "not a tar file (plain, gzip, bzip2 or xz)"
+            raise IntegrityError(f"{path} is not a readable image archive: {detail}") from None
         self.path = path
 
     def open(self, name: str) -> BinaryIO:
@@ -219,17 +275,27 @@ class _Archive:
 
 
 def load(store: Store, path: str) -> list[str]:
-    """Import every image of an archive; returns the names it tagged."""
+    """Import every image of an archive; returns the names it tagged. Every image is read and
+    checked before the first name is written: a bad archive tags nothing."""
     archive = _Archive(path)
     try:
         with store.using():
             if "index.json" in archive.members and "oci-layout" in archive.members:
-                return _load_oci(store, archive)
-            if "manifest.json" in archive.members:
-                return _load_docker(store, archive)
-            raise IntegrityError(f"{path} is neither an oci-archive nor a docker-archive")
-    except (tarfile.TarError, EOFError, json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
+                loaded = _load_oci(store, archive)
+            elif "manifest.json" in archive.members:
+                loaded = _load_docker(store, archive)
+            else:
+                raise IntegrityError(f"{path} is neither an oci-archive nor a docker-archive")
+            for name, descriptor in loaded:
+                store.tag(name, descriptor)
+            return [name for name, _ in loaded]
+    except (tarfile.TarError, EOFError, zlib.error, json.JSONDecodeError, KeyError, TypeError,
+            ValueError) as exc:
         raise IntegrityError(f"{path}: damaged archive: {exc}") from None
+    except IntegrityError as exc:
+        if str(exc).startswith(f"{path}:") or str(exc).startswith(f"{path} "):
+            raise
+        raise IntegrityError(f"{path}: {exc}") from None
     finally:
         archive.close()
 
@@ -242,7 +308,12 @@ def _copy_blob(store: Store, archive: _Archive, digest: str, size: int | None = 
             w.write(chunk)
 
 
-def _load_oci(store: Store, archive: _Archive) -> list[str]:
+def _check_config(raw: bytes) -> None:
+    """An image config that ocibox can use: a JSON object whose fields have the right types."""
+    ImageConfig.parse(raw)
+
+
+def _load_oci(store: Store, archive: _Archive) -> list[tuple[str, Descriptor]]:
     index = parse_manifest(archive.read("index.json"))
     if not isinstance(index, Index):
         raise IntegrityError(f"{archive.path}: index.json is not an image index")
@@ -261,6 +332,7 @@ def _load_oci(store: Store, archive: _Archive) -> list[str]:
             raw = _read_verified(archive, manifest_desc.digest)
             node = parse_manifest(raw, manifest_desc.media_type)
         assert isinstance(node, Manifest)
+        _check_config(_read_verified(archive, node.config.digest))
         _copy_blob(store, archive, node.config.digest, node.config.size)
         for layer in node.layers:
             _copy_blob(store, archive, layer.digest, layer.size)
@@ -272,8 +344,7 @@ def _load_oci(store: Store, archive: _Archive) -> list[str]:
         name = str(reference.parse(name))
         extra = {"io.ocibox.source-index": source_index} if source_index else None
         tagged = Descriptor(node.media_type, manifest_desc.digest, len(raw), extra, manifest_desc.platform)
-        store.tag(name, tagged)
-        names.append(name)
+        names.append((name, tagged))
     return names
 
 
@@ -284,13 +355,19 @@ def _read_verified(archive: _Archive, digest: str) -> bytes:
     return data
 
 
-def _load_docker(store: Store, archive: _Archive) -> list[str]:
+def _load_docker(store: Store, archive: _Archive) -> list[tuple[str, Descriptor]]:
     entries = json.loads(archive.read("manifest.json"))
     if not isinstance(entries, list) or not entries:
         raise IntegrityError(f"{archive.path}: manifest.json lists no image")
     names = []
     for entry in entries:
+        if not (isinstance(entry, dict) and isinstance(entry.get("Config"), str)
+                and _is_str_list(entry.get("Layers")) and _is_str_list(entry.get("RepoTags") or [])):
+            raise IntegrityError(f"{archive.path}: manifest.json: each image needs a Config file name "
+                                 "and lists of Layers and RepoTags")
         config_raw = archive.read(entry["Config"])
+        _check_config(config_raw)
+        tags = [str(reference.parse(tag)) for tag in entry.get("RepoTags") or []]
         config_digest = store.write_blob(config_raw)
         diff_ids = (json.loads(config_raw).get("rootfs") or {}).get("diff_ids") or []
         layers = [
@@ -305,12 +382,13 @@ def _load_docker(store: Store, archive: _Archive) -> list[str]:
         }
         raw = json.dumps(manifest, indent=2).encode()
         digest = store.write_blob(raw)
-        tags = entry.get("RepoTags") or [f"localhost/{digest_hex(config_digest)[:12]}:latest"]
-        for tag in tags:
-            name = str(reference.parse(tag))
-            store.tag(name, Descriptor(OCI_MANIFEST, digest, len(raw)))
-            names.append(name)
+        for name in tags or [f"localhost/{digest_hex(config_digest)[:12]}:latest"]:
+            names.append((name, Descriptor(OCI_MANIFEST, digest, len(raw))))
     return names
+
+
+def _is_str_list(value: object) -> bool:
+    return isinstance(value, list) and all(isinstance(v, str) for v in value)
 
 
 def _import_layer(store: Store, archive: _Archive, name: str, diff_id: str | None) -> Descriptor:

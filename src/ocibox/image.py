@@ -155,11 +155,16 @@ class Descriptor:
             raise IntegrityError(f"malformed descriptor {digest}: negative size")
         plat = data.get("platform")
         urls = data.get("urls")
+        annotations = data.get("annotations")
+        if annotations and not _is_str_map(annotations):
+            raise IntegrityError(f"malformed descriptor {digest}: annotations must map strings to strings")
+        if urls and not (isinstance(urls, list) and all(isinstance(u, str) for u in urls)):
+            raise IntegrityError(f"malformed descriptor {digest}: urls must be a list of strings")
         return cls(
             media_type,
             digest,
             size,
-            dict(data["annotations"]) if data.get("annotations") else None,
+            dict(annotations) if annotations else None,
             Platform.from_json(plat) if isinstance(plat, dict) else None,
             tuple(urls) if urls else None,
         )
@@ -178,6 +183,10 @@ class Descriptor:
         return Descriptor(
             self.media_type, self.digest, self.size, annotations or None, self.platform, self.urls
         )
+
+
+def _is_str_map(value: Any) -> bool:
+    return isinstance(value, dict) and all(isinstance(v, str) for v in value.values())
 
 
 def _check_digest(digest: str) -> None:
@@ -284,6 +293,7 @@ class ImageConfig:
         rootfs = doc.get("rootfs")
         if rootfs is not None and not isinstance(rootfs, dict):
             raise IntegrityError("malformed image config: bad rootfs")
+        _check_config_types(doc)
         return cls(doc)
 
     @property
@@ -339,6 +349,49 @@ class ImageConfig:
         return Platform(
             self.raw.get("os", "linux"), self.raw.get("architecture", ""), self.raw.get("variant") or None
         )
+
+
+# The fields of an image config that ocibox reads, and the JSON type each must have (null is
+# always allowed): a config from a store or an archive is checked once, here, so that no later
+# stage meets a number where it expects a list of strings.
+_STR_LIST = "list of strings"
+_STR_MAP = "object of strings"
+_OBJECT = "object"
+_STRING = "string"
+_CONFIG_FIELDS = {"Env": _STR_LIST, "Entrypoint": _STR_LIST, "Cmd": _STR_LIST, "User": _STRING,
+                  "WorkingDir": _STRING, "StopSignal": _STRING, "Labels": _STR_MAP,
+                  "Volumes": _OBJECT, "ExposedPorts": _OBJECT}
+_TOP_FIELDS = {"os": _STRING, "architecture": _STRING, "variant": _STRING, "created": _STRING}
+
+
+def _has_type(value: Any, kind: str) -> bool:
+    if kind == _STR_LIST:
+        return isinstance(value, list) and all(isinstance(v, str) for v in value)
+    if kind == _STR_MAP:
+        return _is_str_map(value)
+    if kind == _OBJECT:
+        return isinstance(value, dict)
+    return isinstance(value, str)
+
+
+def _check_config_types(doc: dict[str, Any]) -> None:
+    def check(fields: dict[str, str], where: dict[str, Any], prefix: str) -> None:
+        for key, kind in fields.items():
+            value = where.get(key)
+            if value is not None and not _has_type(value, kind):
+                raise IntegrityError(f"malformed image config: {prefix}{key} must be a {kind}")
+
+    check(_TOP_FIELDS, doc, "")
+    config = doc.get("config")
+    if config is not None and not isinstance(config, dict):
+        raise IntegrityError("malformed image config: config must be an object")
+    for key in ("Entrypoint", "Cmd"):  # Docker's strslice: a lone string means one argument
+        if isinstance((config or {}).get(key), str):
+            config[key] = [config[key]]
+    check(_CONFIG_FIELDS, config or {}, "config.")
+    diff_ids = (doc.get("rootfs") or {}).get("diff_ids")
+    if diff_ids is not None and not _has_type(diff_ids, _STR_LIST):
+        raise IntegrityError("malformed image config: rootfs.diff_ids must be a list of strings")
 
 
 @dataclass

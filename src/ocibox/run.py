@@ -94,6 +94,8 @@ def parse_env(items: list[str], env_files: list[str], environ: Mapping[str, str]
                 lines += [ln.rstrip("\n") for ln in f if ln.strip() and not ln.lstrip().startswith("#")]
         except OSError as exc:
             raise OciboxError(f"cannot read env file {path}: {exc.strerror}") from None
+        except UnicodeDecodeError:
+            raise OciboxError(f"cannot read env file {path}: not UTF-8 text") from None
     for item in [*lines, *items]:
         key, eq, _ = item.partition("=")
         if not key.strip() or " " in key.strip():
@@ -231,6 +233,8 @@ def ready_image(root: str, text: str) -> ReadyImage | None:
             manifest = json.load(f)
         with open(os.path.join(blobs, manifest["config"]["digest"].partition(":")[2]), "rb") as f:
             config = json.load(f)
+        if not _plain_config(config):
+            return None  # the full path explains what is wrong with it
         chain = ""
         for diff_id in config["rootfs"]["diff_ids"]:
             chain = diff_id if not chain else "sha256:" + _sha256_hex(f"{chain} {diff_id}".encode())
@@ -245,6 +249,22 @@ def ready_image(root: str, text: str) -> ReadyImage | None:
     except OSError:
         pass
     return ReadyImage(name, digest, config, rootfs)
+
+
+def _plain_config(config: dict) -> bool:
+    """The config's run fields have the types ocibox.image checks, a lone Entrypoint or Cmd string
+    made a list as Docker reads it."""
+    cfg = config.get("config") or {}
+    if not isinstance(cfg, dict):
+        return False
+    for key in ("Entrypoint", "Cmd"):
+        if isinstance(cfg.get(key), str):
+            cfg[key] = [cfg[key]]
+    for key in ("Env", "Entrypoint", "Cmd"):
+        value = cfg.get(key)
+        if value is not None and not (isinstance(value, list) and all(isinstance(v, str) for v in value)):
+            return False
+    return all(isinstance(cfg.get(key), str | None) for key in ("User", "WorkingDir"))
 
 
 def _prepare_image(req: RunRequest) -> ReadyImage:

@@ -64,7 +64,8 @@ def _store_errors(what: str) -> Iterator[None]:
     except OSError as exc:
         if exc.errno == errno.ENOSPC:
             raise StoreError(f"{what}: no space left on device ({exc.filename or 'store'})") from None
-        raise StoreError(f"{what}: {exc.strerror or exc} ({exc.filename or ''})".rstrip(" ()")) from None
+        where = f" ({exc.filename})" if exc.filename else ""
+        raise StoreError(f"{what}: {exc.strerror or exc}{where}") from None
 
 
 def fsync_dir(path: Path) -> None:
@@ -160,7 +161,8 @@ class BlobWriter:
     def write(self, data: bytes | memoryview) -> None:
         if self.size is not None and self.offset + len(data) > self.size:
             raise IntegrityError(f"blob {self.digest}: more bytes than the expected {self.size}")
-        self._file.write(data)
+        with _store_errors(f"cannot write blob {self.digest}"):
+            self._file.write(data)
         self._hash.update(data)
         self.offset += len(data)
 
@@ -255,10 +257,18 @@ class Store:
             return open(self.blob_path(digest), "rb")
         except FileNotFoundError:
             raise NotFound(f"blob {digest} is not in the store") from None
+        except OSError as exc:
+            raise StoreError(f"cannot read blob {digest} of the store: {exc.strerror or exc}") from None
 
     def read_blob(self, digest: str) -> bytes:
+        """A small blob (manifest, index, config), checked against its digest: a blob changed on
+        disk is refused rather than believed."""
         with self.open_blob(digest) as f:
-            return f.read()
+            data = f.read()
+        if "sha256:" + hashlib.sha256(data).hexdigest() != digest:
+            raise IntegrityError(f"blob {digest} in the store is damaged (its content does not match "
+                                 "its digest): remove the image and pull or load it again")
+        return data
 
     def write_blob(self, data: bytes, expected_digest: str | None = None) -> str:
         digest = "sha256:" + hashlib.sha256(data).hexdigest()
@@ -300,7 +310,13 @@ class Store:
             return []
         except (OSError, ValueError) as exc:
             raise StoreError(f"cannot read {self.root / 'index.json'}: {exc}") from None
-        return [Descriptor.from_json(d) for d in doc.get("manifests") or []]
+        manifests = doc.get("manifests") if isinstance(doc, dict) else "not an object"
+        if not isinstance(manifests, list | None):
+            raise StoreError(f"{self.root / 'index.json'} is damaged: not an image index")
+        try:
+            return [Descriptor.from_json(d) for d in manifests or []]
+        except IntegrityError as exc:
+            raise StoreError(f"{self.root / 'index.json'} is damaged: {exc}") from None
 
     def _write_index(self, manifests: list[Descriptor]) -> None:
         doc = {"schemaVersion": 2, "mediaType": "application/vnd.oci.image.index.v1+json",
@@ -348,8 +364,14 @@ class Store:
         """The stored image that `ref_text` names: a reference, a manifest digest, or an image ID
         (config digest, or a prefix of 12+ hex digits of it) as Docker accepts."""
         name, manifest_digest = self.find(ref_text)
-        manifest = self.manifest(manifest_digest)
-        config = ImageConfig.parse(self.read_blob(manifest.config.digest))
+        try:
+            manifest = self.manifest(manifest_digest)
+            config = ImageConfig.parse(self.read_blob(manifest.config.digest))
+        except NotFound:
+            raise StoreError(f"{name}: the store is missing its config {manifest.config.digest}: "
+                             "pull the image again") from None
+        except (IntegrityError, StoreError) as exc:
+            raise type(exc)(f"{name}: {exc}") from None
         return Image(name, manifest_digest, manifest, config)
 
     def find(self, ref_text: str) -> tuple[str, str]:
@@ -390,9 +412,13 @@ class Store:
 
     def manifest(self, digest: str) -> Manifest:
         try:
-            node = parse_manifest(self.read_blob(digest))
+            data = self.read_blob(digest)
         except NotFound:
             raise StoreError(f"the store is missing manifest {digest}: pull the image again") from None
+        try:
+            node = parse_manifest(data)
+        except IntegrityError as exc:
+            raise IntegrityError(f"manifest {digest} in the store: {exc}") from None
         if not isinstance(node, Manifest):
             raise IntegrityError(f"{digest} is an index, not an image manifest")
         return node
