@@ -344,6 +344,18 @@ def test_save_into_a_pipe_streams_a_readable_archive(ocibox, stored, archive_dir
     assert "index.json" in names and "oci-layout" in names
 
 
+# --- format strings ------------------------------------------------------------------------------
+
+
+def test_inspect_formats_it_knows_print_and_others_are_one_line(ocibox, stored):
+    assert ocibox("inspect", "-f", "{{.Os}}/{{.Nope}}", NAME).stdout == "linux/<no value>\n"
+    for template in ("{{.Id", "{{range .}}{{end}}", "{{index .RepoTags 5}}"):
+        _one_line(ocibox("inspect", "-f", template, NAME, check=False), "invalid --format")
+    for args in (["images", "--format", "{{.ID}}"], ["save", "--format", "tar", "-o", "x.tar", NAME]):
+        done = ocibox(*args, check=False)
+        assert done.returncode == 2 and "invalid choice" in done.stderr and "Traceback" not in done.stderr
+
+
 # --- run's inputs --------------------------------------------------------------------------------
 
 

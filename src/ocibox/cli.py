@@ -135,7 +135,8 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 
 def _format_template(template: str, doc: dict) -> str:
-    """A small subset of Go templates: `{{.Key.Sub}}` and `{{json .Key}}`."""
+    """A small subset of Go templates: `{{.Key.Sub}}` and `{{json .Key}}`; a missing key prints
+    `<no value>` as Go's does, anything else is refused."""
     import re
 
     def value(path: str):
@@ -147,12 +148,20 @@ def _format_template(template: str, doc: dict) -> str:
 
     def repl(match: re.Match) -> str:
         expr = match.group(1).strip()
-        if expr.startswith("json "):
-            return json.dumps(value(expr[5:].strip()))
-        v = value(expr)
-        return json.dumps(v) if isinstance(v, (dict, list)) else str(v)
+        as_json = expr.startswith("json ")
+        path = expr[5:].strip() if as_json else expr
+        if not re.fullmatch(r"\.|(\.[A-Za-z0-9_-]+)+", path):
+            raise OciboxError(f"invalid --format {template!r}: ocibox knows {{{{.Field.Sub}}}} and "
+                              "{{json .Field}}")
+        v = value(path)
+        if as_json or isinstance(v, dict | list):
+            return json.dumps(v)
+        return "<no value>" if v is None else str(v).lower() if isinstance(v, bool) else str(v)
 
-    return re.sub(r"\{\{(.*?)\}\}", repl, template)
+    text = re.sub(r"\{\{(.*?)\}\}", repl, template)
+    if "{{" in text:
+        raise OciboxError(f"invalid --format {template!r}: unclosed {{{{")
+    return text
 
 
 def cmd_rmi(args: argparse.Namespace) -> int:
