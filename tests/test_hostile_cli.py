@@ -386,3 +386,11 @@ def test_a_user_saving_where_they_may_not_write_is_told_which_file(ocibox_user, 
     target.mkdir(mode=0o755)
     _one_line(ocibox_user("save", "-o", str(target / "x.tar"), NAME, check=False),
               f"cannot write {target / 'x.tar'}", "Permission denied")
+
+
+def test_a_user_whose_layer_blob_they_cannot_read_is_told_which_file(ocibox_user, layout_files, archive_dir):
+    ocibox_user("load", "-i", str(_write_archive(archive_dir / "busybox.tar", layout_files)))
+    blob = ocibox_user.root / "blobs" / "sha256" / _digests(layout_files)[2][0]
+    os.chown(blob, 0, 0)
+    blob.chmod(0o600)
+    _one_line(ocibox_user("run", "--rm", NAME, "true", check=False), "Permission denied", str(blob))

@@ -149,6 +149,9 @@ def run_as_root(fn: Callable[..., object], *args: object) -> object:
             outcome: tuple[str, object] = ("ok", fn(*args))
         except OciboxError as exc:
             outcome, status = ("error", exc), 1
+        except OSError as exc:  # as the CLI words it: "Permission denied (/path)"
+            where = f" ({exc.filename})" if exc.filename else ""
+            outcome, status = ("error", OciboxError(f"{exc.strerror or exc}{where}")), 1
         except BaseException as exc:  # noqa: BLE001 - everything must cross the pipe as one line
             outcome, status = ("error", OciboxError(f"{type(exc).__name__}: {exc}")), 1
         try:
