@@ -76,12 +76,27 @@ static void op_readlink(fuse_req_t r, fuse_ino_t i)
 {
     LOCKED(sqfs_ll_op_readlink(r, i));
 }
+/* An image without xattrs says so once: after ENOSYS the kernel stops asking (overlayfs asks for
+ * its own xattrs at every lookup, a quarter of all requests of a python start). */
+static bool has_xattrs(fuse_req_t r)
+{
+    sqfs_ll *ll = fuse_req_userdata(r);
+    return ll->fs.sb.xattr_id_table_start != (uint64_t)SQUASHFS_INVALID_BLK;
+}
 static void op_listxattr(fuse_req_t r, fuse_ino_t i, size_t size)
 {
+    if (!has_xattrs(r)) {
+        fuse_reply_err(r, ENOSYS);
+        return;
+    }
     LOCKED(sqfs_ll_op_listxattr(r, i, size));
 }
 static void op_getxattr(fuse_req_t r, fuse_ino_t i, const char *name, size_t size)
 {
+    if (!has_xattrs(r)) {
+        fuse_reply_err(r, ENOSYS);
+        return;
+    }
     LOCKED(sqfs_ll_op_getxattr(r, i, name, size));
 }
 static void op_forget(fuse_req_t r, fuse_ino_t i, unsigned long nlookup)
