@@ -33,6 +33,15 @@ def _one_line(done, *words: str) -> str:
     return done.stderr
 
 
+def _ends_with_one_line(done, *words: str) -> str:
+    """The same for a command that reports progress on stderr first (pull): its last line."""
+    assert done.returncode == 125, (done.returncode, done.stdout, done.stderr)
+    assert "internal error" not in done.stderr and "Traceback" not in done.stderr, done.stderr
+    last = done.stderr.splitlines()[-1]
+    assert last.startswith("ocibox: ") and all(word in last for word in words), done.stderr
+    return last
+
+
 def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
     info = tarfile.TarInfo(name)
     info.size = len(data)
@@ -394,3 +403,28 @@ def test_a_user_whose_layer_blob_they_cannot_read_is_told_which_file(ocibox_user
     os.chown(blob, 0, 0)
     blob.chmod(0o600)
     _one_line(ocibox_user("run", "--rm", NAME, "true", check=False), "Permission denied", str(blob))
+
+
+# --- credentials files -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("content", "message"), [
+    ('{"auths": [1]}', "'auths' must be an object"),
+    ('{"auths": {"HOST": {"auth": 5}}}', "malformed 'auth' entry"),
+    ('{"auths": {"HOST": {"auth": "!!not base64"}}}', "malformed 'auth' entry"),
+    ('{"credHelpers": {"HOST": "../../bin/sh"}}', "must name helpers"),
+    ('{"credsStore": 5}', "must name helpers"),
+])
+def test_a_damaged_credentials_file_is_named_in_one_line(ocibox, auth_registry, archive_dir, content, message):
+    auth_file = archive_dir / "auth.json"
+    auth_file.write_text(content.replace("HOST", auth_registry.host))
+    env = {"REGISTRY_AUTH_FILE": str(auth_file)}
+    _ends_with_one_line(ocibox("pull", auth_registry.seeded["busybox"], env=env, check=False),
+                        str(auth_file), message)
+    if "entry" in message:  # one bad entry: logout is how the user gets rid of it
+        assert ocibox("logout", auth_registry.host, env=env).returncode == 0
+        assert json.loads(auth_file.read_text())["auths"] == {}
+    else:
+        _one_line(ocibox("logout", auth_registry.host, env=env, check=False), str(auth_file))
+        assert auth_file.read_text() == content.replace("HOST", auth_registry.host)
+    assert _tagged(ocibox) == []

@@ -141,13 +141,13 @@ def _decode_entry(entry: dict, path: Path) -> Credential | None:
     if entry.get("auth"):
         try:
             user, sep, password = base64.b64decode(entry["auth"]).decode().partition(":")
-        except (ValueError, UnicodeDecodeError):
+        except (TypeError, ValueError, UnicodeDecodeError):
             raise AuthError(f"malformed 'auth' entry in {path}") from None
         if not sep:
             raise AuthError(f"malformed 'auth' entry in {path}: expected base64 of user:password")
         return Credential(user, password, token)
     if entry.get("username") and entry.get("password"):
-        return Credential(entry["username"], entry["password"], token)
+        return Credential(str(entry["username"]), str(entry["password"]), token)
     if token:
         return Credential("", "", token)
     return None
@@ -168,6 +168,13 @@ def _read(path: Path) -> dict:
         raise AuthError(f"malformed credentials file {path}: {exc}") from None
     if not isinstance(doc, dict):
         raise AuthError(f"malformed credentials file {path}: not a JSON object")
+    auths, helpers, store = doc.get("auths"), doc.get("credHelpers"), doc.get("credsStore")
+    if auths is not None and not isinstance(auths, dict):
+        raise AuthError(f"malformed credentials file {path}: 'auths' must be an object")
+    names = [*(helpers.values() if isinstance(helpers, dict) else [helpers]), store]
+    if not all(name is None or (isinstance(name, str) and "/" not in name) for name in names):
+        raise AuthError(f"malformed credentials file {path}: 'credHelpers' and 'credsStore' must name "
+                        "helpers (docker-credential-NAME)")
     return doc
 
 
