@@ -137,6 +137,8 @@ def _replace(path: Path, data: bytes | None = None, symlink_to: str | None = Non
     b"[1, 2]",
     b'{"manifests": "all of them"}',
     b'{"manifests": [{"mediaType": "x", "digest": "sha256:' + b"0" * 64 + b'", "size": 1, "annotations": [1]}]}',
+    b'{"manifests": [{"mediaType": "x", "digest": "sha256:' + b"0" * 64 + b'", "size": 1, '
+    b'"annotations": {"org.opencontainers.image.ref.name": "../NOT A NAME"}}]}',
 ])
 def test_a_damaged_index_json_is_named_and_left_as_it_is(ocibox, stored, content):
     index = ocibox.root / "index.json"

@@ -324,12 +324,22 @@ class Store:
         atomic_write(self.root / "index.json", json.dumps(doc, indent=2).encode())
 
     def tagged(self) -> list[Tagged]:
+        from ocibox import reference
+        from ocibox.errors import InvalidReference
+
         self.ensure()
-        return [
+        out = [
             Tagged(d.annotations[REF_NAME], d)
             for d in self._read_index()
             if d.annotations and d.annotations.get(REF_NAME)
         ]
+        for t in out:
+            try:
+                reference.parse(t.name)
+            except InvalidReference:
+                raise StoreError(f"{self.root / 'index.json'} is damaged: {t.name!r} is not an image "
+                                 "name") from None
+        return out
 
     def tag(self, name: str, descriptor: Descriptor) -> None:
         """Point `name` (a full normalised reference) at `descriptor`, replacing what it named."""
