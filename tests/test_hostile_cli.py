@@ -7,6 +7,7 @@ outside where it belongs. Registry-side faults are in test_pull.py and test_push
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
@@ -222,17 +223,31 @@ def test_a_lone_string_entrypoint_means_one_argument_as_in_docker(ocibox, layout
     assert ocibox("run", "--rm", "localhost/strings").stdout == "hello world\n"  # already unpacked
 
 
-def test_a_full_disk_during_load_is_one_line_and_tags_nothing(ocibox, archive_dir, layout_files):
+def test_a_full_disk_is_one_line_and_leaves_the_store_as_it_was(ocibox, archive_dir, layout_files):
     if os.geteuid() != 0:
         pytest.skip("mounting a small tmpfs needs root")
     small = archive_dir / "small-store"
     small.mkdir()
+    env = {"OCIBOX_ROOT": str(small)}
+    archive = _write_archive(archive_dir / "busybox.tar", layout_files)
     subprocess.run(["mount", "-t", "tmpfs", "-o", "size=600k", "tmpfs", str(small)], check=True)
     try:
-        archive = _write_archive(archive_dir / "busybox.tar", layout_files)
-        done = ocibox("load", "-i", str(archive), env={"OCIBOX_ROOT": str(small)}, check=False)
-        _one_line(done, "no space left on device")
+        _one_line(ocibox("load", "-i", str(archive), env=env, check=False), "no space left on device")
         assert json.loads((small / "index.json").read_text())["manifests"] == []
+    finally:
+        subprocess.run(["umount", str(small)], check=True)
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(small)], check=True)
+    try:
+        ocibox("load", "-i", str(archive), env=env)
+        index = (small / "index.json").read_bytes()
+        with open(small / "filler", "wb") as filler, contextlib.suppress(OSError):
+            while True:
+                filler.write(b"\0" * 65536)
+        _one_line(ocibox("tag", NAME, "other:1", env=env, check=False), "index.json", "no space left")
+        assert (small / "index.json").read_bytes() == index
+        _one_line(ocibox("run", "--rm", NAME, "true", env=env, check=False), "No space left")
+        assert [p.name for p in (small / "tmp").iterdir() if not p.name.endswith(".lock")] == []
+        assert [p.name for p in (small / "rootfs").iterdir() if not p.name.endswith(".lock")] == []
     finally:
         subprocess.run(["umount", str(small)], check=True)
 
@@ -430,3 +445,11 @@ def test_a_damaged_credentials_file_is_named_in_one_line(ocibox, auth_registry, 
         _one_line(ocibox("logout", auth_registry.host, env=env, check=False), str(auth_file))
         assert auth_file.read_text() == content.replace("HOST", auth_registry.host)
     assert _tagged(ocibox) == []
+
+
+@pytest.mark.parametrize("config", ["[1]", '{"process": 5}', '{"root": null}', '{"root": {"path": 5}}'])
+def test_a_bundle_whose_config_is_not_a_runtime_config_is_one_line(ocibox, stored, archive_dir, config):
+    bundle = archive_dir / "bundle"
+    ocibox("unpack", NAME, str(bundle))
+    (bundle / "config.json").write_text(config)
+    _one_line(ocibox("run", "--rm", str(bundle), "true", check=False), str(bundle / "config.json"))

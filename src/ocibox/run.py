@@ -484,6 +484,10 @@ def _run_bundle(root: str, bundle: str, req: RunRequest) -> int:
             config = json.load(f)
     except (OSError, ValueError) as exc:
         raise OciboxError(f"cannot read {os.path.join(bundle, 'config.json')}: {exc}") from None
+    parts = [config.get(k, {}) for k in ("root", "process")] if isinstance(config, dict) else [None]
+    if not all(isinstance(part, dict) for part in parts) or not isinstance(parts[0].get("path", ""), str):
+        raise OciboxError(f"{os.path.join(bundle, 'config.json')} is not an OCI runtime config "
+                          "(an object whose root and process are objects)")
     cid, folder = _new_container(root)
     try:
         rootfs = config.get("root", {}).get("path", "rootfs")

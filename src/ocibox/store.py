@@ -62,9 +62,9 @@ def _store_errors(what: str) -> Iterator[None]:
     try:
         yield
     except OSError as exc:
-        if exc.errno == errno.ENOSPC:
-            raise StoreError(f"{what}: no space left on device ({exc.filename or 'store'})") from None
         where = f" ({exc.filename})" if exc.filename else ""
+        if exc.errno == errno.ENOSPC:
+            raise StoreError(f"{what}: no space left on device{where}") from None
         raise StoreError(f"{what}: {exc.strerror or exc}{where}") from None
 
 
