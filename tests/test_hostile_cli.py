@@ -160,6 +160,25 @@ def test_a_config_blob_edited_on_disk_is_refused_not_believed(ocibox, stored, ar
     assert not out.exists()
 
 
+def test_pulling_again_repairs_a_damaged_manifest_and_config(ocibox, images):
+    image = images["busybox"]
+    ocibox("pull", "-q", image.ref)
+    blobs = ocibox.root / "blobs" / "sha256"
+    for digest in (image.digest, image.config_digest):
+        (blobs / digest.split(":")[1]).unlink()
+        (blobs / digest.split(":")[1]).write_text("{}")
+    _one_line(ocibox("run", "--rm", image.ref, "true", check=False), "damaged", "pull or load the image again")
+    ocibox("pull", "-q", image.ref)
+    assert ocibox("run", "--rm", image.ref, "true").returncode == 0
+
+
+def test_loading_again_repairs_a_damaged_config(ocibox, stored, layout_files, archive_dir):
+    stored["config"].unlink()
+    stored["config"].write_text("{}")
+    ocibox("load", "-i", str(_write_archive(archive_dir / "again.tar", layout_files)))
+    assert json.loads(ocibox("inspect", NAME).stdout)[0]["Os"] == "linux"
+
+
 def test_a_layer_blob_symlinked_to_a_secret_is_never_saved(ocibox, stored, archive_dir):
     secret = archive_dir / "secret"
     secret.write_text("root:hunter2\n")

@@ -333,6 +333,7 @@ def _load_oci(store: Store, archive: _Archive) -> list[tuple[str, Descriptor]]:
             node = parse_manifest(raw, manifest_desc.media_type)
         assert isinstance(node, Manifest)
         _check_config(_read_verified(archive, node.config.digest))
+        store.discard_if_damaged(node.config.digest)  # a config damaged in the store is replaced
         _copy_blob(store, archive, node.config.digest, node.config.size)
         for layer in node.layers:
             _copy_blob(store, archive, layer.digest, layer.size)

@@ -47,6 +47,7 @@ from ocibox.image import (
 )
 
 LAYOUT_VERSION = {"imageLayoutVersion": "1.0.0"}
+_SMALL_BLOB = 16 << 20  # manifests and configs: blobs checked whole when read
 # Annotation on a tagged manifest pulled through an index: the index digest, kept so that
 # `save` can write the index whole and GC keeps it.
 SOURCE_INDEX = "io.ocibox.source-index"
@@ -267,14 +268,27 @@ class Store:
             data = f.read()
         if "sha256:" + hashlib.sha256(data).hexdigest() != digest:
             raise IntegrityError(f"blob {digest} in the store is damaged (its content does not match "
-                                 "its digest): remove the image and pull or load it again")
+                                 "its digest): pull or load the image again")
         return data
+
+    def discard_if_damaged(self, digest: str) -> None:
+        """Remove a small blob (manifest, config) whose content no longer matches its digest, so
+        that a pull fetches it again instead of finding it "already there"."""
+        try:
+            with self.open_blob(digest) as f:
+                data = f.read(_SMALL_BLOB + 1)
+        except (NotFound, StoreError):
+            return
+        if len(data) <= _SMALL_BLOB and "sha256:" + hashlib.sha256(data).hexdigest() != digest:
+            with _store_errors(f"cannot remove the damaged blob {digest}"):
+                self.blob_path(digest).unlink()
 
     def write_blob(self, data: bytes, expected_digest: str | None = None) -> str:
         digest = "sha256:" + hashlib.sha256(data).hexdigest()
         if expected_digest is not None and expected_digest != digest:
             raise IntegrityError(f"blob {expected_digest}: content does not match its digest (got {digest})")
         self.ensure()
+        self.discard_if_damaged(digest)
         if not self.has_blob(digest):
             with _store_errors(f"cannot write blob {digest}"), self.blob_writer(digest, len(data)) as w:
                 w.write(data)

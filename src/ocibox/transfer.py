@@ -126,6 +126,7 @@ def _pull(
     blobs: dict[str, Descriptor] = {}
     for desc in [manifest.config, *manifest.layers]:
         blobs.setdefault(desc.digest, desc)
+    store.discard_if_damaged(manifest.config.digest)  # fetched again below
     fetched = _fetch_blobs(client, store, repository, list(blobs.values()), progress, jobs)
 
     config = ImageConfig.parse(store.read_blob(manifest.config.digest))
