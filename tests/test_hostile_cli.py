@@ -472,3 +472,20 @@ def test_a_bundle_whose_config_is_not_a_runtime_config_is_one_line(ocibox, store
     ocibox("unpack", NAME, str(bundle))
     (bundle / "config.json").write_text(config)
     _one_line(ocibox("run", "--rm", str(bundle), "true", check=False), str(bundle / "config.json"))
+
+
+def test_a_volume_over_the_root_or_dev_is_refused_and_the_host_folder_stays_empty(ocibox, stored, archive_dir):
+    host = archive_dir / "vol"
+    host.mkdir()
+    for dest in ("/", "/dev", "/dev/", "//"):
+        _one_line(ocibox("run", "--rm", "-v", f"{host}:{dest}", NAME, "true", check=False), "invalid volume")
+    assert list(host.iterdir()) == []
+    assert ocibox("run", "--rm", "-v", f"{host}:/dev/shm", NAME, "true").returncode == 0
+
+
+def test_a_run_refused_before_it_starts_leaves_no_container_behind(ocibox, stored):
+    for args in (["-v", "/tmp:/dev"], ["-e", "=x"], ["-u", "nosuchuser"], ["--ulimit", "bogus"], ["-m", "lots"]):
+        _one_line(ocibox("run", *args, NAME, "true", check=False))
+    assert list((ocibox.root / "containers").iterdir()) == []
+    ocibox("run", NAME, "true")  # one that ran is kept, as docker keeps it
+    assert len(list((ocibox.root / "containers").iterdir())) == 1

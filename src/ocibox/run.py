@@ -133,6 +133,10 @@ def parse_volume(text: str, cwd: str, anonymous_dir: Callable[[], str]) -> Volum
         raise OciboxError(f"invalid volume {text!r}: expected HOST:CONTAINER[:ro]")
     if not dest.startswith("/"):
         raise OciboxError(f"invalid volume {text!r}: the container path must be absolute")
+    if os.path.normpath(dest) in ("/", "//", "/dev"):
+        # "/" is the image itself; /dev is filled by the runtime, which would make its device
+        # nodes in the host folder
+        raise OciboxError(f"invalid volume {text!r}: the container path can't be {os.path.normpath(dest)}")
     return Volume(source, os.path.normpath(dest), "ro" in options)
 
 
@@ -422,6 +426,7 @@ def run(req: RunRequest) -> int:
         cid, folder = _new_container(root)
     except OSError as exc:
         raise OciboxError(f"cannot create the container folder in {root}: {exc.strerror}") from None
+    started = False  # a container that never started (bad volume, env, user…) leaves no folder
     try:
         # Docker: the host's name on the host network, else the container ID's prefix.
         hostname = req.hostname or (os.uname().nodename if req.network == "host" else cid[:12])
@@ -468,11 +473,12 @@ def run(req: RunRequest) -> int:
                  "Command": config["process"]["args"]}
         _write_json(os.path.join(folder, "state.json"), state)
         status = _start(folder, cid, upper=os.path.join(folder, "layer"))
+        started = True
         state.update(Status="exited", ExitCode=status, Finished=time.time())
         _write_json(os.path.join(folder, "state.json"), state)
         return status
     finally:
-        if req.rm:
+        if req.rm or not started:
             _remove(folder)
 
 
