@@ -489,3 +489,12 @@ def test_a_run_refused_before_it_starts_leaves_no_container_behind(ocibox, store
     assert list((ocibox.root / "containers").iterdir()) == []
     ocibox("run", NAME, "true")  # one that ran is kept, as docker keeps it
     assert len(list((ocibox.root / "containers").iterdir())) == 1
+
+
+@pytest.mark.parametrize("user", ["4294967296", "4294967296:4294967296", "0:2147483648", "99999999999"])
+def test_a_user_id_past_the_32_bit_range_is_refused_not_wrapped_to_root(ocibox, stored, user):
+    _one_line(ocibox("run", "--rm", "-u", user, NAME, "id", check=False), "range 0-2147483647")
+
+
+def test_a_tmpfs_over_the_root_is_refused(ocibox, stored):
+    _one_line(ocibox("run", "--rm", "--tmpfs", "/", NAME, "true", check=False), "invalid --tmpfs")

@@ -197,6 +197,8 @@ def resolve_user(rootfs: Path | None, spec: str | None) -> User:
             row = next((r for r in groups if len(r) >= 3 and r[0] == group_part), None)
             if row is None:
                 raise OciboxError(f"unable to find group {group_part}: no matching entries in group file")
+            if not row[2].isdigit():
+                raise OciboxError(f"malformed /etc/group entry for {group_part!r}")
             gid = int(row[2])
     extra: list[int] = []
     if name and not group_part:
@@ -205,7 +207,13 @@ def resolve_user(rootfs: Path | None, spec: str | None) -> User:
                 g = int(row[2])
                 if g != gid and g not in extra:
                     extra.append(g)
+    if not all(0 <= i <= _MAX_ID for i in (uid, gid, *extra)):
+        # as docker says it; the runtime's 32-bit ids would wrap 4294967296 round to root
+        raise OciboxError(f"invalid user {spec!r}: uids and gids must be in range 0-{_MAX_ID}")
     return User(uid, gid, extra, home)
+
+
+_MAX_ID = 2147483647
 
 
 # --- the config ------------------------------------------------------------------------------
@@ -254,6 +262,8 @@ def _mounts(opts: RunOptions) -> list[dict[str, Any]]:
         dest, _, extra = item.partition(":")
         if not dest.startswith("/"):
             raise OciboxError(f"invalid --tmpfs {item!r}: the path must be absolute")
+        if dest.strip("/") == "":
+            raise OciboxError(f"invalid --tmpfs {item!r}: a tmpfs can't replace the image's root")
         options = ["nosuid", "nodev", "noexec"]
         for opt in filter(None, extra.split(",")):
             if opt == "exec":
