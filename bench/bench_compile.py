@@ -57,7 +57,7 @@ cp "$2" "$T/config.json"
 status=0
 runc --root "$T/state" run --bundle "$T" "dockerc-$$" </dev/null >/dev/null || status=$?
 fusermount3 -u "$T/merged"
-fusermount3 -u "$T/lower"
+fusermount3 -u -z "$T/lower"  # fuse-overlayfs may still be closing it
 rm -rf "$T"
 exit $status
 """
