@@ -498,3 +498,20 @@ def test_a_user_id_past_the_32_bit_range_is_refused_not_wrapped_to_root(ocibox, 
 
 def test_a_tmpfs_over_the_root_is_refused(ocibox, stored):
     _one_line(ocibox("run", "--rm", "--tmpfs", "/", NAME, "true", check=False), "invalid --tmpfs")
+
+
+def test_a_store_root_that_is_a_file_is_one_line(ocibox, archive_dir):
+    not_a_folder = archive_dir / "store-file"
+    not_a_folder.write_text("x")
+    for args in (["images"], ["inspect", NAME], ["prune"]):
+        _one_line(ocibox(*args, env={"OCIBOX_ROOT": str(not_a_folder)}, check=False), "cannot create the store")
+    assert not_a_folder.read_text() == "x"
+
+
+def test_a_store_the_user_may_only_read_lists_but_refuses_writes(ocibox, ocibox_user, stored):
+    env = {"OCIBOX_ROOT": str(ocibox.root)}  # root's store: readable, not writable, by the user
+    index = (ocibox.root / "index.json").read_bytes()
+    assert "localhost/busybox" in ocibox_user("images", env=env).stdout
+    for args in (["tag", NAME, "other:1"], ["rmi", NAME], ["prune"], ["run", "--rm", NAME, "true"]):
+        _one_line(ocibox_user(*args, env=env, check=False), "Permission denied")
+    assert (ocibox.root / "index.json").read_bytes() == index
