@@ -333,6 +333,36 @@ def test_an_archive_whose_second_image_is_broken_tags_nothing(ocibox, layout_fil
     assert _tagged(ocibox) == []
 
 
+def _index_over(files: dict[str, bytes], target: dict, platform: str) -> dict:
+    """An image index blob added to `files` whose one entry is `target` for `platform`."""
+    raw = json.dumps({"schemaVersion": 2, "mediaType": "application/vnd.oci.image.index.v1+json",
+                      "manifests": [{**target, "platform": {"os": "linux", "architecture": platform}}]}).encode()
+    digest = hashlib.sha256(raw).hexdigest()
+    files[f"blobs/sha256/{digest}"] = raw
+    return {"mediaType": "application/vnd.oci.image.index.v1+json", "digest": f"sha256:{digest}",
+            "size": len(raw)}
+
+
+def test_an_index_of_indexes_loads_and_runs(ocibox, layout_files, archive_dir):
+    files = dict(layout_files)
+    manifest = json.loads(files["index.json"])["manifests"][0]
+    inner = _index_over(files, {k: manifest[k] for k in ("mediaType", "digest", "size")}, "amd64")
+    outer = _index_over(files, inner, "amd64")
+    files["index.json"] = json.dumps({"schemaVersion": 2, "manifests": [outer]}).encode()
+    ocibox("load", "-i", str(_write_archive(archive_dir / "nested.tar", files)))
+    assert ocibox("run", "--rm", "localhost/nested", "true").returncode == 0
+
+
+def test_an_index_for_another_platform_is_one_line(ocibox, layout_files, archive_dir):
+    files = dict(layout_files)
+    manifest = json.loads(files["index.json"])["manifests"][0]
+    files["index.json"] = json.dumps({"schemaVersion": 2, "manifests": [
+        _index_over(files, {k: manifest[k] for k in ("mediaType", "digest", "size")}, "s390x")]}).encode()
+    archive = _write_archive(archive_dir / "s390x.tar", files)
+    _one_line(ocibox("load", "-i", str(archive), check=False), "no image for platform", "linux/s390x")
+    assert _tagged(ocibox) == []
+
+
 @pytest.mark.parametrize(("manifest", "message"), [
     ([{"Config": "../../etc/passwd", "RepoTags": ["x:1"], "Layers": []}], "has no ../../etc/passwd"),
     ([{"Config": "/etc/passwd", "RepoTags": ["x:1"], "Layers": ["/etc/shadow"]}], "has no /etc/passwd"),

@@ -47,6 +47,7 @@ from ocibox.image import (
 from ocibox.store import Store
 
 CONTAINERD_NAME = "io.containerd.image.name"
+_MAX_INDEX_DEPTH = 4
 _CHUNK = 1 << 20
 
 
@@ -324,9 +325,13 @@ def _load_oci(store: Store, archive: _Archive) -> list[tuple[str, Descriptor]]:
         raw = _read_verified(archive, desc.digest)
         node = parse_manifest(raw, desc.media_type)
         source_index = None
-        if isinstance(node, Index):
-            _copy_blob(store, archive, desc.digest, desc.size)
-            source_index = desc.digest
+        depth = 0
+        while isinstance(node, Index):  # an index of indexes too, as pull takes it
+            depth += 1
+            if depth > _MAX_INDEX_DEPTH:
+                raise IntegrityError(f"{archive.path}: image indexes nested too deep")
+            _copy_blob(store, archive, manifest_desc.digest, manifest_desc.size)
+            source_index = source_index or manifest_desc.digest
             present = [m for m in node.manifests if f"blobs/sha256/{digest_hex(m.digest)}" in archive.members]
             manifest_desc = Index(node.media_type, present).select(Platform.host())
             raw = _read_verified(archive, manifest_desc.digest)
