@@ -560,6 +560,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("logout", help="forget the credentials for a registry")
     p.add_argument("registry", nargs="?", metavar="REGISTRY", help="default: docker.io")
     p.set_defaults(func=cmd_logout)
+
     p = sub.add_parser("compile", help="compile an image into one self-contained executable")
     p.add_argument("image", metavar="IMAGE", help="a stored image, a reference to pull, or an archive file")
     p.add_argument("-o", "--output", required=True, metavar="FILE", help="the executable to write")
