@@ -150,6 +150,7 @@ def test_a_damaged_index_json_is_named_and_left_as_it_is(ocibox, stored, content
 
 
 def test_a_config_blob_edited_on_disk_is_refused_not_believed(ocibox, stored, archive_dir):
+    ocibox("run", "--rm", NAME, "true")  # unpacked: run's quick path is the one to catch it
     config = json.loads(stored["config"].read_bytes())
     config["config"]["Env"] = ["INJECTED=1"]
     _replace(stored["config"], json.dumps(config).encode())

@@ -234,9 +234,14 @@ def ready_image(root: str, text: str) -> ReadyImage | None:
             if (e.get("annotations") or {}).get("org.opencontainers.image.ref.name") == name
         )
         with open(os.path.join(blobs, digest.partition(":")[2]), "rb") as f:
-            manifest = json.load(f)
-        with open(os.path.join(blobs, manifest["config"]["digest"].partition(":")[2]), "rb") as f:
-            config = json.load(f)
+            raw = f.read()
+        manifest = json.loads(raw)
+        config_digest = manifest["config"]["digest"]
+        with open(os.path.join(blobs, config_digest.partition(":")[2]), "rb") as f:
+            config_raw = f.read()
+        if "sha256:" + _sha256_hex(raw) != digest or "sha256:" + _sha256_hex(config_raw) != config_digest:
+            return None  # changed on disk: the full path says so
+        config = json.loads(config_raw)
         if not _plain_config(config):
             return None  # the full path explains what is wrong with it
         chain = ""
