@@ -22,7 +22,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shlex
 import struct
 import sys
 import tempfile
@@ -66,19 +65,10 @@ class CompileResult:
 
 
 def parse_words(text: str, flag: str) -> list[str]:
-    """A JSON array of strings, or words split like a shell does."""
-    if text.lstrip().startswith("["):
-        try:
-            words = json.loads(text)
-        except ValueError as exc:
-            raise OciboxError(f"invalid {flag} {text!r}: {exc}") from None
-        if not isinstance(words, list) or not all(isinstance(w, str) for w in words):
-            raise OciboxError(f"invalid {flag} {text!r}: a JSON array of strings is expected")
-        return words
-    try:
-        return shlex.split(text)
-    except ValueError as exc:
-        raise OciboxError(f"invalid {flag} {text!r}: {exc}") from None
+    """A JSON array of strings, or words split like a shell does: as `ocibox build` reads them."""
+    from ocibox.build import words
+
+    return words(text, flag)
 
 
 def parse_volume(text: str) -> tuple[str, str, bool]:
