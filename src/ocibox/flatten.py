@@ -19,7 +19,6 @@ Each layer's DiffID is checked as it streams.
 
 from __future__ import annotations
 
-import base64
 import io
 import stat
 import tarfile
@@ -29,7 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ocibox.errors import IntegrityError, LayerError
-from ocibox.layers import OPAQUE, WHITEOUT_PREFIX, LayerStream, clean_name
+from ocibox.layers import OPAQUE, WHITEOUT_PREFIX, LayerStream, clean_name, tar_xattrs
 from ocibox.squashfs import Device, Dir, Fifo, File, Node, SquashfsWriter, Symlink
 
 
@@ -355,16 +354,5 @@ def _set_attrs(node: Node, m: tarfile.TarInfo) -> None:
 
 
 def _xattrs(m: tarfile.TarInfo) -> dict[str | bytes, bytes]:
-    out: dict[str | bytes, bytes] = {}
-    for key, value in (m.pax_headers or {}).items():
-        if key.startswith("SCHILY.xattr."):
-            name = key[len("SCHILY.xattr."):]
-            data = value.encode("utf-8", "surrogateescape")
-        elif key.startswith("LIBARCHIVE.xattr."):
-            name = key[len("LIBARCHIVE.xattr."):]
-            data = base64.b64decode(value + "==")
-        else:
-            continue
-        if name.startswith(("user.", "trusted.", "security.")):
-            out[name] = data
-    return out
+    """The entry's xattrs in the namespaces squashfs stores (user., trusted., security.)."""
+    return {name: data for name, data in tar_xattrs(m) if name.startswith(("user.", "trusted.", "security."))}

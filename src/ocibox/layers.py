@@ -519,6 +519,19 @@ def _check_gzip(fd: int, start: int) -> None:
         raise zlib.error("truncated gzip stream")
 
 
+def tar_xattrs(m: tarfile.TarInfo) -> list[tuple[str, bytes]]:
+    """The extended attributes a tar entry carries, as (name, value): GNU tar/Docker's
+    SCHILY.xattr.NAME (value as bytes in the PAX string) and libarchive's LIBARCHIVE.xattr.NAME
+    (base64)."""
+    out = []
+    for key, value in (m.pax_headers or {}).items():
+        if key.startswith("SCHILY.xattr."):
+            out.append((key[len("SCHILY.xattr."):], value.encode("utf-8", "surrogateescape")))
+        elif key.startswith("LIBARCHIVE.xattr."):
+            out.append((key[len("LIBARCHIVE.xattr."):], base64.b64decode(value + "==")))
+    return out
+
+
 # --- rootless ownership records ---------------------------------------------------------------
 
 
@@ -1037,17 +1050,7 @@ class Applier:
         self._remove(pfd, name, path)
 
     def _xattrs(self, m: tarfile.TarInfo, fd: int, path: str) -> None:
-        if not m.pax_headers:
-            return
-        for key, value in m.pax_headers.items():
-            if key.startswith("SCHILY.xattr."):
-                name = key[len("SCHILY.xattr."):]
-                data = value.encode("utf-8", "surrogateescape")
-            elif key.startswith("LIBARCHIVE.xattr."):
-                name = key[len("LIBARCHIVE.xattr."):]
-                data = base64.b64decode(value + "==")
-            else:
-                continue
+        for name, data in tar_xattrs(m):
             if name == XATTR_ROOTLESS and self.rootless:
                 continue
             try:
