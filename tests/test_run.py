@@ -204,6 +204,8 @@ def test_an_interactive_shell_works_on_a_terminal(ocibox, busybox):
     [
         (["--ulimit", "bogus=1", "IMG", "true"], "invalid --ulimit"),
         (["--memory", "lots", "IMG", "true"], "invalid --memory"),
+        (["--memory", "1m", "IMG", "true"], "minimum memory limit is 6m"),
+        (["-w", "relative/dir", "IMG", "true"], "must be an absolute path"),
         (["--cpus", "-1", "IMG", "true"], "invalid --cpus"),
         (["-v", "relative-ctr-path", "IMG", "true"], "must be absolute"),
         (["-e", "BAD KEY=1", "IMG", "true"], "invalid environment variable"),

@@ -151,6 +151,22 @@ def parse_size(text: str, flag: str) -> int:
     return int(number * {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}[unit])
 
 
+MIN_MEMORY = 6 << 20  # docker's minimum: less can't even start a process reliably
+
+
+def parse_memory(text: str) -> int:
+    limit = parse_size(text, "--memory")
+    if limit < MIN_MEMORY:
+        raise OciboxError(f"invalid --memory {text!r}: the minimum memory limit is 6m, as with docker")
+    return limit
+
+
+def check_workdir(path: str | None) -> str | None:
+    if path is not None and not path.startswith("/"):
+        raise OciboxError(f"the working directory {path!r} is invalid: it must be an absolute path")
+    return path
+
+
 def parse_cpus(text: str) -> float:
     try:
         value = float(text)
@@ -453,14 +469,14 @@ def run(req: RunRequest) -> int:
             args=req.command or None,
             entrypoint=None if req.entrypoint is None else ([req.entrypoint] if req.entrypoint else []),
             env=parse_env(req.env, req.env_files, os.environ),
-            workdir=req.workdir,
+            workdir=check_workdir(req.workdir),
             user=req.user,
             hostname=hostname,
             volumes=[(v.source, v.destination, v.read_only) for v in volumes],
             tmpfs=req.tmpfs,
             read_only=req.read_only,
             network=req.network,
-            memory=parse_size(req.memory, "--memory") if req.memory else None,
+            memory=parse_memory(req.memory) if req.memory else None,
             cpus=parse_cpus(req.cpus) if req.cpus else None,
             pids_limit=req.pids_limit,
             ulimits=[parse_ulimit(u) for u in req.ulimits],
