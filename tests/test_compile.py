@@ -15,6 +15,7 @@ import json
 import os
 import re
 import signal
+import stat
 import struct
 import subprocess
 import tempfile
@@ -230,6 +231,14 @@ def test_compile_takes_a_stored_image_or_an_archive_and_says_what_is_wrong(
     assert "Traceback" not in bad.stderr and not (tmp_path / "x").exists()
     bad = runner("compile", stored, "-o", str(tmp_path / "x"), "--volume", "relative", check=False)
     assert bad.returncode == 125 and "--volume" in bad.stderr
+    fifo = tmp_path / "a-pipe"
+    os.mkfifo(fifo)
+    for target in (str(tmp_path), "", str(fifo)):  # a folder, nothing, a pipe: never replaced
+        bad = runner("compile", stored, "-o", target, check=False)
+        assert bad.returncode == 125 and "give the path of a file" in bad.stderr
+    assert stat.S_ISFIFO(fifo.lstat().st_mode)
+    bad = runner("compile", stored, "-o", str(tmp_path / "no-such-dir" / "x"), check=False)
+    assert bad.returncode == 125 and "no-such-dir/x" in bad.stderr
 
 
 # --- running it ---------------------------------------------------------------------------------------

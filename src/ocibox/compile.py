@@ -64,6 +64,15 @@ class CompileResult:
     image: str
 
 
+def _output_path(output: str) -> Path:
+    """Where the executable goes: a new or existing regular file (written beside, then renamed
+    over it), never a folder, a device or a pipe, which a rename would replace."""
+    path = Path(output).absolute() if output else None
+    if path is None or path.is_dir() or (path.exists() and not path.is_file()):
+        raise OciboxError(f"cannot write the executable to {output!r}: give the path of a file")
+    return path
+
+
 def parse_words(text: str, flag: str) -> list[str]:
     """A JSON array of strings, or words split like a shell does: as `ocibox build` reads them."""
     from ocibox.build import words
@@ -161,10 +170,13 @@ def compile_image(opts: CompileOptions, runtime: str | None = None) -> CompileRe
         elf = f.read()
     if elf[:4] != b"\x7fELF":
         raise OciboxError(f"{runtime}: not an ELF executable")
-    out_path = Path(opts.output).absolute()
+    out_path = _output_path(opts.output)
     layers = [(store.blob_path(d.digest), diff_id)
               for d, diff_id in zip(image.manifest.layers, image.config.diff_ids, strict=False)]
-    fd, tmp = tempfile.mkstemp(prefix=f".{out_path.name}.", dir=out_path.parent)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{out_path.name}.", dir=out_path.parent)
+    except OSError as exc:
+        raise OciboxError(f"cannot write {opts.output}: {exc.strerror}") from None
     try:
         with os.fdopen(fd, "w+b") as out:
             out.write(elf)
