@@ -121,6 +121,9 @@ def test_a_failed_unpack_never_looks_complete(ocibox, images) -> None:
             ensure_rootfs(store, image)
         assert not rootfs_path(store, image).exists()
         assert [p for p in store.tmp_dir.iterdir() if p.name.startswith("rootfs-")] == []
+        bundle = ocibox.root.parent / "bundle-of-a-damaged-image"
+        failed = ocibox("unpack", ref, str(bundle), check=False)
+        assert failed.returncode == 125 and not bundle.exists(), "a failed unpack leaves no folder it made"
     finally:
         blob.write_bytes(good)
     assert (ensure_rootfs(store, image) / "bin" / "busybox").is_file()

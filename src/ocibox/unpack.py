@@ -97,6 +97,7 @@ def make_bundle(store: Store, image: Image, dest: Path, opts: RunOptions | None 
     if dest.exists() and (not dest.is_dir() or any(dest.iterdir())):
         raise OciboxError(f"{dest} already exists and is not an empty folder")
     layers = _layer_files(store, image)
+    created = not dest.exists()
     try:
         dest.mkdir(mode=0o700, parents=True, exist_ok=True)
         dest.chmod(0o700)
@@ -112,6 +113,8 @@ def make_bundle(store: Store, image: Image, dest: Path, opts: RunOptions | None 
     except BaseException:
         remove_tree(partial)
         meta_path(partial).unlink(missing_ok=True)
+        if created:  # a failed unpack leaves no folder it made
+            remove_tree(dest)
         raise
     config = runtime_config(image.config.raw, opts, rootfs=dest / "rootfs")
     config["annotations"] = {**config.get("annotations", {}), "org.opencontainers.image.ref.name": image.name,
