@@ -36,12 +36,10 @@ import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO / "tests"))
+from benchlib import PYTHON, REPO, drop_caches  # first: puts tests/ on sys.path
 
 from support import debian  # noqa: E402
 
-PYTHON = "/usr/bin/python3"
 USER = "ocibox-test"
 IMPORTS = "import asyncio, email, json, sqlite3"
 RUNTIME = REPO / "runtime" / "ocibox-runtime"
@@ -61,11 +59,6 @@ fusermount3 -u -z "$T/lower"  # fuse-overlayfs may still be closing it
 rm -rf "$T"
 exit $status
 """
-
-
-def drop_caches() -> None:
-    subprocess.run(["sync"], check=True)
-    Path("/proc/sys/vm/drop_caches").write_text("3\n")
 
 
 def run_timed(argv: list[str], env: dict | None = None) -> float:

@@ -17,38 +17,14 @@ import argparse
 import os
 import shutil
 import statistics
-import subprocess
-import sys
 import tempfile
-import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO / "tests"))
+from benchlib import PYTHON, drop_caches, installed_copy, timed_rss  # first: puts tests/ on sys.path
 
 from support import debian  # noqa: E402
 from support.images import skopeo_copy  # noqa: E402
 from support.registry import start_registry  # noqa: E402
-
-PYTHON = "/usr/bin/python3"  # Debian's interpreter, as users run ocibox
-
-
-def drop_caches() -> None:
-    subprocess.run(["sync"], check=True)
-    Path("/proc/sys/vm/drop_caches").write_text("3\n")
-
-
-def timed(cmd: list[str], env: dict[str, str]) -> tuple[float, int]:
-    """(seconds, peak RSS in KiB of the process and the children it waited for)."""
-    start = time.perf_counter()
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    _, status, usage = os.wait4(proc.pid, 0)
-    elapsed = time.perf_counter() - start
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    err = proc.stderr.read().decode(errors="replace") if proc.stderr else ""
-    if proc.returncode != 0:
-        raise SystemExit(f"{' '.join(cmd)} failed ({proc.returncode}):\n{err}")
-    return elapsed, usage.ru_maxrss
 
 
 def main() -> int:
@@ -67,11 +43,7 @@ def main() -> int:
         skopeo_copy(f"oci:{built.path}:{args.image}", registry, f"{args.image}:latest", "--preserve-digests")
         ref = registry.ref(args.image)
         facts = built.facts[args.image]
-        # ocibox as `pip install` leaves it: a copy of the package with its bytecode compiled
-        # (this environment sets PYTHONDONTWRITEBYTECODE, so the tree in the repo has none).
-        src = work / "src"
-        shutil.copytree(REPO / "src" / "ocibox", src / "ocibox")
-        subprocess.run([PYTHON, "-m", "compileall", "-q", str(src)], check=True)
+        src = installed_copy(work / "src")
         env = dict(os.environ, PYTHONPATH=str(src))
         ocibox = [PYTHON, "-m", "ocibox", "pull", "-q", ref]
         skopeo = ["skopeo", "copy", "-q", "--src-tls-verify=false", f"docker://{ref}"]
@@ -85,16 +57,16 @@ def main() -> int:
                 shutil.rmtree(work / f"{tool}-{run - 1}", ignore_errors=True)
                 drop_caches()
                 if tool == "skopeo":
-                    seconds, peak = timed(skopeo + [f"oci:{target}:latest"], env)
+                    seconds, peak = timed_rss(skopeo + [f"oci:{target}:latest"], env)
                 else:
-                    seconds, peak = timed(ocibox, dict(env, OCIBOX_ROOT=str(target)))
+                    seconds, peak = timed_rss(ocibox, dict(env, OCIBOX_ROOT=str(target)))
                 cold[tool].append(seconds)
                 rss[tool].append(peak)
                 line = f"run {run + 1}: {tool:7s} cold {seconds:6.3f} s  peak RSS {peak / 1024:6.1f} MB"
                 print(line, flush=True)
 
         store = work / f"ocibox-{args.runs - 1}"
-        warm = [timed(ocibox, dict(env, OCIBOX_ROOT=str(store)))[0] for _ in range(args.runs)]
+        warm = [timed_rss(ocibox, dict(env, OCIBOX_ROOT=str(store)))[0] for _ in range(args.runs)]
 
         sk, oc = statistics.median(cold["skopeo"]), statistics.median(cold["ocibox"])
         wm = statistics.median(warm)

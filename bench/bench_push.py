@@ -19,37 +19,14 @@ import os
 import shutil
 import statistics
 import subprocess
-import sys
 import tempfile
-import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO / "tests"))
+from benchlib import PYTHON, drop_caches, installed_copy, timed_rss  # first: puts tests/ on sys.path
 
 from support import debian  # noqa: E402
 from support.images import skopeo_copy  # noqa: E402
 from support.registry import start_registry  # noqa: E402
-
-PYTHON = "/usr/bin/python3"  # Debian's interpreter, as users run ocibox
-
-
-def drop_caches() -> None:
-    subprocess.run(["sync"], check=True)
-    Path("/proc/sys/vm/drop_caches").write_text("3\n")
-
-
-def timed(cmd: list[str], env: dict[str, str]) -> tuple[float, int]:
-    """(seconds, peak RSS in KiB of the process and the children it waited for)."""
-    start = time.perf_counter()
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    _, status, usage = os.wait4(proc.pid, 0)
-    elapsed = time.perf_counter() - start
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    err = proc.stderr.read().decode(errors="replace") if proc.stderr else ""
-    if proc.returncode != 0:
-        raise SystemExit(f"{' '.join(cmd)} failed ({proc.returncode}):\n{err}")
-    return elapsed, usage.ru_maxrss
 
 
 def remote_digest(ref: str) -> str:
@@ -78,9 +55,7 @@ def main() -> int:
         skopeo_copy(f"oci:{built.path}:{args.image}", source, f"{args.image}:latest", "--preserve-digests")
         ref = source.ref(args.image)
         facts = built.facts[args.image]
-        src = work / "src"
-        shutil.copytree(REPO / "src" / "ocibox", src / "ocibox")
-        subprocess.run([PYTHON, "-m", "compileall", "-q", str(src)], check=True)
+        src = installed_copy(work / "src")
         store = work / "store"
         env = dict(os.environ, PYTHONPATH=str(src), OCIBOX_ROOT=str(store))
         subprocess.run(
@@ -110,7 +85,7 @@ def main() -> int:
                 else:
                     cmd = [PYTHON, "-m", "ocibox", "push", "-q", ref, dest]
                     last = dest
-                seconds, peak = timed(cmd, env)
+                seconds, peak = timed_rss(cmd, env)
                 digest = remote_digest(dest)
                 if digest != expected:
                     raise SystemExit(f"{tool} pushed {digest}, the image is {expected}")
@@ -121,7 +96,8 @@ def main() -> int:
                     flush=True,
                 )
 
-        again = [timed([PYTHON, "-m", "ocibox", "push", "-q", ref, last], env)[0] for _ in range(args.runs)]
+        push_again = [PYTHON, "-m", "ocibox", "push", "-q", ref, last]
+        again = [timed_rss(push_again, env)[0] for _ in range(args.runs)]
 
         sk, oc = statistics.median(cold["skopeo"]), statistics.median(cold["ocibox"])
         print()

@@ -24,28 +24,20 @@ import os
 import shutil
 import statistics
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO / "tests"))
+from benchlib import PYTHON, REPO, drop_caches  # first: puts tests/ on sys.path
 
 from support import debian  # noqa: E402
 from support.images import skopeo_copy  # noqa: E402
 from support.registry import start_registry  # noqa: E402
 from support.users import setpriv_prefix  # noqa: E402
 
-PYTHON = "/usr/bin/python3"
 USER = "ocibox-test"
 PODMAN_FLAGS = ["--runtime", "runc", "--cgroup-manager", "cgroupfs"]
 PODMAN_RUN = ["--ulimit", "nofile=20000:20000", "--ulimit", "nproc=4096:4096"]
-
-
-def drop_caches() -> None:
-    subprocess.run(["sync"], check=True)
-    Path("/proc/sys/vm/drop_caches").write_text("3\n")
 
 
 def timed(cmd: list[str], env: dict[str, str] | None = None) -> float:

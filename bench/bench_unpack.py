@@ -19,24 +19,15 @@ import os
 import shutil
 import statistics
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO / "tests"))
+from benchlib import PYTHON, drop_caches, installed_copy  # first: puts tests/ on sys.path
 
 from support import debian  # noqa: E402
 from support.images import skopeo_copy  # noqa: E402
 from support.registry import start_registry  # noqa: E402
-
-PYTHON = "/usr/bin/python3"
-
-
-def drop_caches() -> None:
-    subprocess.run(["sync"], check=True)
-    Path("/proc/sys/vm/drop_caches").write_text("3\n")
 
 
 def timed(cmd: list[str] | str, env: dict[str, str], shell: bool = False) -> tuple[float, int, float]:
@@ -81,9 +72,7 @@ def main() -> int:
         facts = built.facts[args.image]
         skopeo_copy(f"oci:{built.path}:{args.image}", registry, f"{args.image}:latest", "--preserve-digests")
         ref = registry.ref(args.image)
-        src = work / "src"
-        shutil.copytree(REPO / "src" / "ocibox", src / "ocibox")
-        subprocess.run([PYTHON, "-m", "compileall", "-q", str(src)], check=True)
+        src = installed_copy(work / "src")
         env = dict(os.environ, PYTHONPATH=str(src), OCIBOX_ROOT=str(work / "store"))
         subprocess.run([PYTHON, "-m", "ocibox", "pull", "-q", ref], env=env, check=True, capture_output=True)
         layout = work / "layout"
