@@ -194,8 +194,9 @@ class FaultProxy:
                 range_header = self.headers.get("Range")
                 fault = proxy._take_fault(method, urllib.parse.urlsplit(path).path)
                 if fault is not None and fault.kind == "fail":
-                    self._send_failure(fault)
+                    # Recorded before answering: a client may look at the log as soon as it has the answer.
                     proxy._record(ProxyRequest(method, path, fault.status, range_header, "fail"))
+                    self._send_failure(fault)
                     return
                 # A list, not a dict: clients send Accept several times, one media type each.
                 dropped = HOP_BY_HOP | {"host", "content-length"}
@@ -256,6 +257,7 @@ class FaultProxy:
                 if fault is not None and fault.kind == "cut":
                     applied = "cut"
                     self.send_header("Connection", "close")
+                    proxy._record(ProxyRequest(method, path, resp.status, range_header, applied))
                     self.end_headers()
                     self.wfile.write(data[: min(fault.after, max(len(data) - 1, 0))])
                     self.wfile.flush()
@@ -265,10 +267,10 @@ class FaultProxy:
                     except OSError:
                         pass
                 else:
+                    proxy._record(ProxyRequest(method, path, resp.status, range_header, applied))
                     self.end_headers()
                     if method != "HEAD":
                         self.wfile.write(data)
-                proxy._record(ProxyRequest(method, path, resp.status, range_header, applied))
 
             def _safe_handle(self) -> None:
                 try:
