@@ -289,21 +289,30 @@ class RegistryClient:
                 delay = _retry_after(response) or delay
                 response.close()
             if attempt < ATTEMPTS:
-                if cancel is not None:
-                    if cancel.wait(delay):
-                        raise Cancelled()
-                else:
-                    self._sleep(delay)
+                self._pause(delay, cancel)
         raise RegistryError(problem)
 
-    def _fail(self, response: Response, what: str, repository: str) -> None:
-        """Raise the error a non-2xx answer means."""
+    def _pause(self, delay: float, cancel: threading.Event | None) -> None:
+        """Wait `delay` seconds before another attempt; Cancelled when `cancel` is set meanwhile."""
+        if cancel is not None:
+            if cancel.wait(delay):
+                raise Cancelled()
+        elif delay:
+            self._sleep(delay)
+
+    @staticmethod
+    def _refusal(response: Response) -> tuple[str, str]:
+        """(error code, what to tell the user) of a refused request, from its body or its reason."""
         try:
             body = response.read_all(1 << 16)
         except (*TRANSIENT, TooLarge):
             body = b""
         code, message = _error_detail(body)
-        detail = message or code.lower().replace("_", " ") or response.reason
+        return code, message or code.lower().replace("_", " ") or response.reason
+
+    def _fail(self, response: Response, what: str, repository: str) -> None:
+        """Raise the error a non-2xx answer means."""
+        code, detail = self._refusal(response)
         if response.status == 404 or code in ("MANIFEST_UNKNOWN", "NAME_UNKNOWN", "BLOB_UNKNOWN"):
             raise NotFound(f"{what} not found: {detail}")
         if response.status == 401:
@@ -411,12 +420,7 @@ class RegistryClient:
             if failures >= ATTEMPTS or drops >= MAX_DROPS:
                 raise RegistryError(f"downloading {what}: {problem} ({sink.offset} of {size} bytes)")
             # Reconnect at once after a drop that brought bytes; back off when nothing comes.
-            delay = backoff(failures) if failures else 0.0
-            if cancel is not None:
-                if cancel.wait(delay):
-                    raise Cancelled()
-            elif delay:
-                self._sleep(delay)
+            self._pause(backoff(failures) if failures else 0.0, cancel)
 
     @staticmethod
     def _stream(
@@ -451,12 +455,7 @@ class RegistryClient:
     def _fail_push(self, response: Response, what: str, repository: str) -> None:
         """Raise the error a refused push step means (auth errors name push, not pull)."""
         if response.status in (401, 403):
-            try:
-                body = response.read_all(1 << 16)
-            except (*TRANSIENT, TooLarge):
-                body = b""
-            code, message = _error_detail(body)
-            detail = message or code.lower().replace("_", " ") or response.reason
+            _, detail = self._refusal(response)
             hint = f" (run 'ocibox login {self.registry}')" if self.auth.credential is None else ""
             raise AuthError(f"push access to {self.registry}/{repository} denied: {detail}{hint}")
         self._fail(response, what, repository)
@@ -541,11 +540,7 @@ class RegistryClient:
             if on_progress is not None:
                 on_progress(0)
             if attempt < ATTEMPTS:
-                if cancel is not None:
-                    if cancel.wait(delay):
-                        raise Cancelled()
-                else:
-                    self._sleep(delay)
+                self._pause(delay, cancel)
         raise RegistryError(problem)
 
     @staticmethod
