@@ -106,8 +106,8 @@ void caps_drop_bounding(const struct config *cfg);
 void caps_apply(const struct config *cfg); /* after the user switch */
 
 /* ---- rootfs.c ---- */
-/* Where the image's file tree comes from. A directory today; a squashfs payload at an offset of a
- * file (mounted with FUSE) plugs in here as another kind, without touching the rest. */
+/* Where the image's file tree comes from: a host directory (an unpacked bundle), or the squashfs
+ * payload at an offset of a file (a compiled executable), mounted from a loop device or with FUSE. */
 enum rootfs_kind { ROOTFS_DIR, ROOTFS_SQUASHFS };
 struct rootfs_source {
     enum rootfs_kind kind;

@@ -4,7 +4,8 @@
  * nothing is left behind, whatever way the runtime ends):
  *   1. the host's mounts become slaves of the host; a tmpfs on /tmp becomes a scratch root, and
  *      pivot_root moves the host's root to HOST (/oldroot) inside it;
- *   2. the rootfs source is attached and gives the lower directory (a host directory today);
+ *   2. the rootfs source is attached and gives the lower directory (a host directory, or a compiled
+ *      executable's squashfs payload mounted on /lower);
  *   3. overlayfs joins it with an upper and work directory: persistent ones under --upper, or
  *      on the scratch tmpfs (also the fallback when the kernel refuses the given upper); if the
  *      kernel refuses overlayfs altogether (or --no-overlay), a tmpfs root with the image's
@@ -26,8 +27,8 @@
 
 #define SCRATCH "/tmp"
 
-/* The lower (image) directory, as a path inside the scratch root. The seam for other sources:
- * a squashfs payload would be mounted (FUSE) on SCRATCH "/lower" here and that path returned. */
+/* The lower (image) directory, as a path inside the scratch root: a host directory seen under
+ * HOST, or a squashfs payload mounted on /lower (loop device or FUSE). */
 static char *rootfs_source_attach(const struct rootfs_source *src)
 {
     switch (src->kind) {
