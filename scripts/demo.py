@@ -7,7 +7,7 @@ executable as an unprivileged user, as a user would type it. The demo's
 store is a temporary folder, removed at the end (set OCIBOX_DEMO_KEEP=1 to keep it).
 
 The demo is a list of steps (`STEPS`); each is a title and a function of the shared `Demo`
-state. Later features add their steps to the list.
+state.
 """
 
 from __future__ import annotations

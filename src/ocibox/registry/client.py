@@ -1,10 +1,11 @@
-"""A distribution-spec (v2) client: authentication, manifests, blobs.
+"""A distribution-spec (v2) client: authentication, manifests, blobs, both ways.
 
 Over `transport.Transport` (persistent HTTP/1.1 connections, one per thread, TLS by default,
 redirects without Authorization to other hosts), `RegistryClient` answers auth challenges, checks
 manifest digests, and streams blobs into a caller's sink with retries (5xx, 429 with Retry-After,
-dropped connections) and Range resumes. It knows nothing of the store: a sink is anything with
-`offset`, `write(buffer)` and `reset()`.
+dropped connections) and Range resumes. For a push it checks and mounts blobs, uploads them (one
+PUT or PATCH chunks) and puts manifests. It knows nothing of the store: a sink is anything with
+`offset`, `write(buffer)` and `reset()`, a blob to upload anything `open_blob()` opens.
 """
 
 from __future__ import annotations
@@ -167,7 +168,8 @@ def _describe(exc: BaseException) -> str:
 
 
 class RegistryClient:
-    """One registry host's API: `get_manifest`, `fetch_blob`, `check_login`.
+    """One registry host's API: `get_manifest`, `fetch_blob`, `check_login`; for a push
+    `blob_exists`, `mount_blob`, `upload_blob`, `put_manifest`.
 
     `registry` is the name users type (docker.io), `api_host` the host serving the API
     (registry-1.docker.io). Safe to share between threads.
