@@ -36,8 +36,6 @@ _REFERENCE = re.compile(
     rf"(?::(?P<tag>{_TAG}))?(?:@(?P<digest>{_DIGEST}))?"
 )
 _DOMAIN_RE = re.compile(_DOMAIN)
-_PATH_RE = re.compile(rf"{_COMPONENT}(?:/{_COMPONENT})*")
-_TAG_RE = re.compile(_TAG)
 _HEX64 = re.compile(r"[a-f0-9]{64}")
 _KNOWN_DIGESTS = {"sha256": 64, "sha512": 128}
 
@@ -65,14 +63,6 @@ class Reference:
     def identifier(self) -> str:
         """What to ask the registry for: the digest when there is one, else the tag."""
         return self.digest or self.tag or DEFAULT_TAG
-
-    def with_tag(self, tag: str) -> Reference:
-        check_tag(tag)
-        return Reference(self.registry, self.repository, tag, None)
-
-    def with_digest(self, digest: str) -> Reference:
-        check_digest(digest)
-        return Reference(self.registry, self.repository, self.tag, digest)
 
     @property
     def familiar(self) -> str:
@@ -142,13 +132,3 @@ def check_digest(digest: str) -> None:
         raise InvalidReference(f"invalid digest {digest!r}: unsupported algorithm")
     if len(hexpart) != length or not re.fullmatch(r"[a-f0-9]+", hexpart):
         raise InvalidReference(f"invalid digest {digest!r}: expected {length} lowercase hex digits")
-
-
-def check_tag(tag: str) -> None:
-    if not _TAG_RE.fullmatch(tag):
-        raise InvalidReference(f"invalid tag {tag!r}")
-
-
-def check_repository(path: str) -> None:
-    if not _PATH_RE.fullmatch(path):
-        raise InvalidReference(f"invalid repository name {path!r}")
