@@ -775,7 +775,7 @@ class Applier:
                 break
             self._touched.add(p)
 
-    def _remove(self, pfd: int, name: str, path: str) -> None:
+    def _remove(self, pfd: int, name: str) -> None:
         """Remove whatever is at `name` in folder `pfd` (a folder with all it holds)."""
         try:
             st = os.stat(name, dir_fd=pfd, follow_symlinks=False)
@@ -897,7 +897,7 @@ class Applier:
 
     def _skip_device(self, pfd: int, base: str, path: str, rec: dict) -> None:
         self._warn_once("dev", "device nodes can't be made as a user: skipped (recorded in .meta)")
-        self._remove(pfd, base, path)
+        self._remove(pfd, base)
         self._records[path] = rec
 
     def _chown(self, m: tarfile.TarInfo, path: str, kind: str, pfd: int = -1, base: str = "",
@@ -922,7 +922,7 @@ class Applier:
         try:
             make()
         except FileExistsError:
-            self._remove(pfd, base, path)
+            self._remove(pfd, base)
             make()
 
     def _finish_special(self, m: tarfile.TarInfo, pfd: int, base: str, path: str, kind: str) -> None:
@@ -937,7 +937,7 @@ class Applier:
         try:
             fd = os.open(base, flags, 0o600, dir_fd=pfd)
         except FileExistsError:
-            self._remove(pfd, base, path)
+            self._remove(pfd, base)
             fd = os.open(base, flags, 0o600, dir_fd=pfd)
         try:
             if m.sparse is not None:
@@ -948,7 +948,7 @@ class Applier:
                 self._chown(m, path, "file", fd=fd)
             mode = stat.S_IMODE(m.mode)
             os.fchmod(fd, mode)
-            self._xattrs(m, fd, path)
+            self._xattrs(m, fd)
             self._set_owner_record(path, m, "file", fd=fd)
             ns = _ns(m)
             os.utime(fd, ns=(ns, ns))
@@ -982,7 +982,7 @@ class Applier:
         except FileExistsError:
             st = os.stat(base, dir_fd=pfd, follow_symlinks=False)
             if not stat.S_ISDIR(st.st_mode):
-                self._remove(pfd, base, path)
+                self._remove(pfd, base)
                 os.mkdir(base, 0o700, dir_fd=pfd)
             elif self.rootless and st.st_mode & 0o700 != 0o700:
                 os.chmod(base, stat.S_IMODE(st.st_mode) | 0o700, dir_fd=pfd)  # a folder: lstat said so
@@ -992,7 +992,7 @@ class Applier:
         if m.pax_headers or (self.rootless and (m.uid or m.gid)):
             dfd = os.open(base, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=pfd)
             try:
-                self._xattrs(m, dfd, path)
+                self._xattrs(m, dfd)
                 self._set_owner_record(path, m, "dir", fd=dfd)
             finally:
                 os.close(dfd)
@@ -1047,9 +1047,9 @@ class Applier:
             pfd = self._parent(victim, create=False)
         except (FileNotFoundError, NotADirectoryError):
             return  # nothing there to hide
-        self._remove(pfd, name, path)
+        self._remove(pfd, name)
 
-    def _xattrs(self, m: tarfile.TarInfo, fd: int, path: str) -> None:
+    def _xattrs(self, m: tarfile.TarInfo, fd: int) -> None:
         for name, data in tar_xattrs(m):
             if name == XATTR_ROOTLESS and self.rootless:
                 continue
