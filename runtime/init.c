@@ -99,15 +99,6 @@ static _Noreturn void process_exec(const struct config *cfg, bool setgroups_deni
     _exit(EXIT_NOT_FOUND);
 }
 
-static int status_code(int status)
-{
-    if (WIFEXITED(status))
-        return WEXITSTATUS(status);
-    if (WIFSIGNALED(status))
-        return 128 + WTERMSIG(status);
-    return EXIT_RUNTIME;
-}
-
 void init_run(const struct config *cfg, int pty_slave, bool setgroups_denied)
 {
     sigset_t all, none;
@@ -180,7 +171,7 @@ void init_run(const struct config *cfg, int pty_slave, bool setgroups_denied)
                 continue;
             if (exec_failed)
                 _exit(exec_errno == ENOENT || exec_errno == ENOTDIR ? EXIT_NOT_FOUND : EXIT_CANNOT_EXEC);
-            _exit(status_code(status));
+            _exit(exit_code_of(status));
         }
     }
 }

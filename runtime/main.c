@@ -265,9 +265,5 @@ int main(int argc, char **argv)
     cgroups_remove(&cg);
     if (state)
         unlink(state);
-    if (WIFEXITED(status))
-        return WEXITSTATUS(status);
-    if (WIFSIGNALED(status))
-        return 128 + WTERMSIG(status);
-    return EXIT_RUNTIME;
+    return exit_code_of(status);
 }

@@ -22,6 +22,7 @@ void write_file(const char *step, const char *path, const char *text); /* dies o
 int try_write_file(const char *path, const char *text);               /* -1 + errno */
 char *xasprintf(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
 void *xcalloc(size_t n, size_t size);
+int exit_code_of(int status); /* a wait status as a shell reports it: the code, or 128 + signal */
 
 /* ---- config.c: the subset of an OCI runtime-spec config.json ---- */
 struct idmap {

@@ -7,6 +7,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/wait.h>
 #include <unistd.h>
 
 /* One line, `ocibox-runtime: <step>: <path>: <reason>`, then exit 125. */
@@ -79,4 +80,13 @@ void *xcalloc(size_t n, size_t size)
     if (!p)
         die("memory", NULL);
     return p;
+}
+
+int exit_code_of(int status)
+{
+    if (WIFEXITED(status))
+        return WEXITSTATUS(status);
+    if (WIFSIGNALED(status))
+        return 128 + WTERMSIG(status);
+    return EXIT_RUNTIME;
 }
