@@ -139,11 +139,7 @@ class Authenticator:
                 return None
             if challenge.scheme == "basic":
                 return self._basic()
-            token = self._tokens.get(scope)
-            if token is None or token.expires <= self._clock():
-                token = self._fetch_token(challenge, scope)
-                self._tokens[scope] = token
-            return "Bearer " + token.value
+            return self._bearer(challenge, scope)
 
     def learn(self, headers: Iterable[str]) -> None:
         """Remember the scheme a registry asked for (its ping's 401), to authenticate up front."""
@@ -173,11 +169,15 @@ class Authenticator:
             current = self._tokens.get(scope)
             if current is not None and sent == "Bearer " + current.value:
                 del self._tokens[scope]
-            token = self._tokens.get(scope)
-            if token is None or token.expires <= self._clock():
-                token = self._fetch_token(challenge, scope)
-                self._tokens[scope] = token
-            return "Bearer " + token.value
+            return self._bearer(challenge, scope)
+
+    def _bearer(self, challenge: Challenge, scope: str) -> str:
+        """A current token for `scope` as a header value: the cached one, or a new one (lock held)."""
+        token = self._tokens.get(scope)
+        if token is None or token.expires <= self._clock():
+            token = self._fetch_token(challenge, scope)
+            self._tokens[scope] = token
+        return "Bearer " + token.value
 
     def required_message(self) -> str:
         return f"authentication required by {self.registry}: run 'ocibox login {self.registry}'"
