@@ -18,6 +18,7 @@ import signal
 import stat
 import struct
 import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -476,3 +477,20 @@ def test_a_damaged_file_is_refused_when_checked(busybox_exe: Path, tmp_path: Pat
     truncated.chmod(0o755)
     r = run([truncated, "echo"])
     assert r.returncode == 125 and "usage" in r.stderr
+
+
+def test_where_user_namespaces_are_disabled_it_names_the_sysctl(busybox_exe: Path) -> None:
+    """As a user on a machine with user.max_user_namespaces=0 (simulated in a namespace of the
+    test's own, the machine's setting untouched): one line naming the sysctl to change."""
+    import pwd
+
+    pw = pwd.getpwnam(USER)
+    tests = Path(__file__).resolve().parent
+    done = subprocess.run(
+        [sys.executable, str(tests / "support" / "nouserns.py"), str(pw.pw_uid), str(pw.pw_gid),
+         str(busybox_exe), "echo", "hi"],
+        capture_output=True, text=True, cwd="/", timeout=60,
+    )
+    assert done.returncode == 125 and done.stdout == ""
+    assert "user.max_user_namespaces" in done.stderr and "sysctl" in done.stderr
+    assert done.stderr.count("\n") == 1
