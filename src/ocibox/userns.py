@@ -67,6 +67,16 @@ def _ranges(path: str, user: str, uid: int) -> list[tuple[int, int]]:
     return out
 
 
+def _chain(own: int, ranges: list[tuple[int, int]]) -> tuple[IdMap, ...]:
+    """Container id 0 → `own`, then ids 1… → the subordinate `ranges`, one after the other."""
+    maps = [IdMap(0, own, 1)]
+    next_id = 1
+    for start, count in ranges:
+        maps.append(IdMap(next_id, start, count))
+        next_id += count
+    return tuple(maps)
+
+
 def mappings() -> Mappings:
     """The mappings a rootless container of this user gets: root → the user, 1… → subordinate ids
     (when the user has ranges and the newuidmap/newgidmap helpers exist)."""
@@ -83,17 +93,7 @@ def mappings() -> Mappings:
     sub_uids = _ranges("/etc/subuid", user, uid)
     sub_gids = _ranges("/etc/subgid", user, uid)
     if sub_uids and sub_gids and shutil.which("newuidmap") and shutil.which("newgidmap"):
-        uids = [IdMap(0, uid, 1)]
-        next_id = 1
-        for start, count in sub_uids:
-            uids.append(IdMap(next_id, start, count))
-            next_id += count
-        gids = [IdMap(0, gid, 1)]
-        next_id = 1
-        for start, count in sub_gids:
-            gids.append(IdMap(next_id, start, count))
-            next_id += count
-        return Mappings(tuple(uids), tuple(gids))
+        return Mappings(_chain(uid, sub_uids), _chain(gid, sub_gids))
     return Mappings((IdMap(0, uid, 1),), (IdMap(0, gid, 1),))
 
 
