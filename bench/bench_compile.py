@@ -66,8 +66,10 @@ def run_timed(argv: list[str], env: dict | None = None) -> float:
     r = subprocess.run(argv, stdin=subprocess.DEVNULL, capture_output=True, cwd="/", env=env)
     elapsed = time.perf_counter() - start
     if r.returncode != 0:
-        sys.exit(f"bench_compile: {' '.join(map(str, argv))}: exit {r.returncode}: "
-                 f"{r.stderr.decode(errors='replace').strip()[-2000:]}")
+        sys.exit(
+            f"bench_compile: {' '.join(map(str, argv))}: exit {r.returncode}: "
+            f"{r.stderr.decode(errors='replace').strip()[-2000:]}"
+        )
     return elapsed
 
 
@@ -79,9 +81,14 @@ def as_user(argv: list, user: str | None) -> list[str]:
 
 
 def ocibox_env(store: Path, home: Path) -> dict[str, str]:
-    return {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "PYTHONPATH": str(REPO / "src"),
-            "OCIBOX_ROOT": str(store), "HOME": str(home), "XDG_CACHE_HOME": str(home / "cache"),
-            "OCIBOX_RUNTIME": str(RUNTIME)}
+    return {
+        "PATH": "/usr/sbin:/usr/bin:/sbin:/bin",
+        "PYTHONPATH": str(REPO / "src"),
+        "OCIBOX_ROOT": str(store),
+        "HOME": str(home),
+        "XDG_CACHE_HOME": str(home / "cache"),
+        "OCIBOX_RUNTIME": str(RUNTIME),
+    }
 
 
 def median_ms(values: list[float]) -> float:
@@ -130,13 +137,14 @@ def _bench(args, layout: Path, work: Path, user: str | None, uid: int, gid: int)
     archives = {}
     for tag in ("debian", "python"):
         archives[tag] = work / f"{tag}.tar"
-        subprocess.run(["skopeo", "copy", "-q", f"oci:{layout}:{tag}", f"oci-archive:{archives[tag]}:{tag}"],
-                       check=True)
+        subprocess.run(
+            ["skopeo", "copy", "-q", f"oci:{layout}:{tag}", f"oci-archive:{archives[tag]}:{tag}"], check=True
+        )
 
     # --- 2. building (python) ------------------------------------------------------------------
     ours, theirs, sizes = [], [], {}
     for i in range(args.compile_runs):
-        for order in ((0, 1) if i % 2 == 0 else (1, 0)):
+        for order in (0, 1) if i % 2 == 0 else (1, 0):
             if order == 0:
                 shutil.rmtree(store, ignore_errors=True)
                 out = work / "python.exe"
@@ -149,35 +157,70 @@ def _bench(args, layout: Path, work: Path, user: str | None, uid: int, gid: int)
                 dock.mkdir()
                 drop_caches()
                 start = time.perf_counter()
-                subprocess.run(["skopeo", "copy", "-q", f"oci:{layout}:python", f"oci:{dock}/layout:python"],
-                               check=True)
-                subprocess.run(["umoci", "unpack", "--image", f"{dock}/layout:python", str(dock / "bundle")],
-                               check=True, capture_output=True)
-                subprocess.run(["mksquashfs", str(dock / "bundle" / "rootfs"), str(dock / "python.sqfs"),
-                                "-comp", "zstd", "-quiet", "-no-progress", "-noappend"], check=True)
+                subprocess.run(
+                    ["skopeo", "copy", "-q", f"oci:{layout}:python", f"oci:{dock}/layout:python"], check=True
+                )
+                subprocess.run(
+                    ["umoci", "unpack", "--image", f"{dock}/layout:python", str(dock / "bundle")],
+                    check=True,
+                    capture_output=True,
+                )
+                subprocess.run(
+                    [
+                        "mksquashfs",
+                        str(dock / "bundle" / "rootfs"),
+                        str(dock / "python.sqfs"),
+                        "-comp",
+                        "zstd",
+                        "-quiet",
+                        "-no-progress",
+                        "-noappend",
+                    ],
+                    check=True,
+                )
                 theirs.append(time.perf_counter() - start)
                 sizes["mksquashfs"] = (dock / "python.sqfs").stat().st_size
     runtime_size = RUNTIME.stat().st_size
-    print(f"compile python image: ocibox compile {statistics.median(ours):.2f} s; skopeo copy + umoci unpack "
-          f"+ mksquashfs -comp zstd {statistics.median(theirs):.2f} s; ratio "
-          f"{statistics.median(ours) / statistics.median(theirs):.2f} (goal <= 0.5)")
-    print(f"file size: compiled {sizes['ours'] / 1e6:.1f} MB; mksquashfs "
-          f"{sizes['mksquashfs'] / 1e6:.1f} MB + runtime {runtime_size / 1e6:.1f} MB = "
-          f"{(sizes['mksquashfs'] + runtime_size) / 1e6:.1f} MB; ratio "
-          f"{sizes['ours'] / (sizes['mksquashfs'] + runtime_size):.3f} (goal <= 1.05)")
+    print(
+        f"compile python image: ocibox compile {statistics.median(ours):.2f} s; skopeo copy + umoci unpack "
+        f"+ mksquashfs -comp zstd {statistics.median(theirs):.2f} s; ratio "
+        f"{statistics.median(ours) / statistics.median(theirs):.2f} (goal <= 0.5)"
+    )
+    print(
+        f"file size: compiled {sizes['ours'] / 1e6:.1f} MB; mksquashfs "
+        f"{sizes['mksquashfs'] / 1e6:.1f} MB + runtime {runtime_size / 1e6:.1f} MB = "
+        f"{(sizes['mksquashfs'] + runtime_size) / 1e6:.1f} MB; ratio "
+        f"{sizes['ours'] / (sizes['mksquashfs'] + runtime_size):.3f} (goal <= 1.05)"
+    )
     python_rootfs = work / "dockerc" / "bundle" / "rootfs"
 
     # --- 1. start-to-exit of `true` (debian) -----------------------------------------------------
     deb_exe = work / "debian.exe"
-    subprocess.run([*ocibox, "compile", str(archives["debian"]), "-o", str(deb_exe)], env=env, check=True,
-                   capture_output=True)
+    subprocess.run(
+        [*ocibox, "compile", str(archives["debian"]), "-o", str(deb_exe)],
+        env=env,
+        check=True,
+        capture_output=True,
+    )
     deb = work / "deb"
-    subprocess.run(["umoci", "unpack", "--image", f"{layout}:debian", str(deb)], check=True,
-                   capture_output=True)
+    subprocess.run(
+        ["umoci", "unpack", "--image", f"{layout}:debian", str(deb)], check=True, capture_output=True
+    )
     os.chmod(deb, 0o755)  # umoci makes the bundle folder 0700
     deb_sqfs = work / "debian.sqfs"
-    subprocess.run(["mksquashfs", str(deb / "rootfs"), str(deb_sqfs), "-comp", "zstd", "-quiet",
-                    "-no-progress", "-noappend"], check=True)
+    subprocess.run(
+        [
+            "mksquashfs",
+            str(deb / "rootfs"),
+            str(deb_sqfs),
+            "-comp",
+            "zstd",
+            "-quiet",
+            "-no-progress",
+            "-noappend",
+        ],
+        check=True,
+    )
     script = work / "dockerc-style.sh"
     script.write_text(DOCKERC_STYLE)
     script.chmod(0o755)
@@ -190,26 +233,43 @@ def _bench(args, layout: Path, work: Path, user: str | None, uid: int, gid: int)
     cases = {
         "compiled": as_user([deb_exe, "true"], user),
         "dockerc-style": as_user([script, deb_sqfs, config], user),
-        "bwrap": as_user(["bwrap", "--unshare-all", "--share-net", "--bind", deb / "rootfs", "/",
-                          "--proc", "/proc", "--dev", "/dev", "/bin/true"], user),
+        "bwrap": as_user(
+            [
+                "bwrap",
+                "--unshare-all",
+                "--share-net",
+                "--bind",
+                deb / "rootfs",
+                "/",
+                "--proc",
+                "/proc",
+                "--dev",
+                "/dev",
+                "/bin/true",
+            ],
+            user,
+        ),
     }
     times: dict[str, list[float]] = {k: [] for k in cases}
     for argv in cases.values():  # warm up
         run_timed(argv, user_env)
     for i in range(args.runs):
-        for k in (list(cases) if i % 2 == 0 else list(reversed(cases))):
+        for k in list(cases) if i % 2 == 0 else list(reversed(cases)):
             times[k].append(run_timed(cases[k], user_env))
     who = f"as {user}" if user else "as root"
     m = {k: median_ms(v) for k, v in times.items()}
-    print(f"start-to-exit of true (debian, {who}, {args.runs} runs): compiled {m['compiled']:.1f} ms; "
-          f"dockerc-style {m['dockerc-style']:.1f} ms; bwrap {m['bwrap']:.1f} ms; compiled/dockerc-style "
-          f"{m['compiled'] / m['dockerc-style']:.2f} (goal <= 0.25); "
-          f"compiled/bwrap {m['compiled'] / m['bwrap']:.1f}")
+    print(
+        f"start-to-exit of true (debian, {who}, {args.runs} runs): compiled {m['compiled']:.1f} ms; "
+        f"dockerc-style {m['dockerc-style']:.1f} ms; bwrap {m['bwrap']:.1f} ms; compiled/dockerc-style "
+        f"{m['compiled'] / m['dockerc-style']:.2f} (goal <= 0.25); "
+        f"compiled/bwrap {m['compiled'] / m['bwrap']:.1f}"
+    )
 
     # --- 4. reading through the mount (python imports) ---------------------------------------------
     py_exe = work / "python.exe"
-    loaded = subprocess.run([*ocibox, "load", "-i", str(archives["python"])], env=env, check=True,
-                            capture_output=True, text=True).stdout
+    loaded = subprocess.run(
+        [*ocibox, "load", "-i", str(archives["python"])], env=env, check=True, capture_output=True, text=True
+    ).stdout
     name = loaded.strip().splitlines()[-1].split(": ", 1)[1]
     bundle = work / "pybundle"
     subprocess.run([*ocibox, "unpack", name, str(bundle)], env=env, check=True, capture_output=True)
@@ -219,8 +279,21 @@ def _bench(args, layout: Path, work: Path, user: str | None, uid: int, gid: int)
         "compiled, rootless (FUSE)": as_user([py_exe, *code], user),
         "ocibox run": [*ocibox, "run", "--rm", "-q", name, *code],
         "ocibox-runtime": [RUNTIME, "run", "--bundle", bundle],
-        "bwrap": ["bwrap", "--unshare-all", "--share-net", "--bind", python_rootfs, "/", "--proc", "/proc",
-                  "--dev", "/dev", "/usr/bin/python3", "-c", IMPORTS],
+        "bwrap": [
+            "bwrap",
+            "--unshare-all",
+            "--share-net",
+            "--bind",
+            python_rootfs,
+            "/",
+            "--proc",
+            "/proc",
+            "--dev",
+            "/dev",
+            "/usr/bin/python3",
+            "-c",
+            IMPORTS,
+        ],
     }
     cfg = json.loads((bundle / "config.json").read_text())
     cfg["process"]["args"] = code
@@ -229,15 +302,17 @@ def _bench(args, layout: Path, work: Path, user: str | None, uid: int, gid: int)
     for argv in pcases.values():
         run_timed([str(a) for a in argv], env)
     for i in range(args.runs):
-        for k in (list(pcases) if i % 2 == 0 else list(reversed(pcases))):
+        for k in list(pcases) if i % 2 == 0 else list(reversed(pcases)):
             ptimes[k].append(run_timed([str(a) for a in pcases[k]], env))
     pm = {k: median_ms(v) for k, v in ptimes.items()}
-    print(f"python3 -c '{IMPORTS}' (root, {args.runs} runs): compiled {pm['compiled']:.0f} ms; ocibox run "
-          f"{pm['ocibox run']:.0f} ms; ocibox-runtime on the unpacked bundle {pm['ocibox-runtime']:.0f} ms; "
-          f"bwrap {pm['bwrap']:.0f} ms; compiled/ocibox run {pm['compiled'] / pm['ocibox run']:.2f} "
-          f"(goal <= 1.5); "
-          f"compiled/ocibox-runtime {pm['compiled'] / pm['ocibox-runtime']:.2f}; the same compiled file run "
-          f"as {user or 'root'} (FUSE instead of the loop device) {pm['compiled, rootless (FUSE)']:.0f} ms")
+    print(
+        f"python3 -c '{IMPORTS}' (root, {args.runs} runs): compiled {pm['compiled']:.0f} ms; ocibox run "
+        f"{pm['ocibox run']:.0f} ms; ocibox-runtime on the unpacked bundle {pm['ocibox-runtime']:.0f} ms; "
+        f"bwrap {pm['bwrap']:.0f} ms; compiled/ocibox run {pm['compiled'] / pm['ocibox run']:.2f} "
+        f"(goal <= 1.5); "
+        f"compiled/ocibox-runtime {pm['compiled'] / pm['ocibox-runtime']:.2f}; the same compiled file run "
+        f"as {user or 'root'} (FUSE instead of the loop device) {pm['compiled, rootless (FUSE)']:.0f} ms"
+    )
     return 0
 
 

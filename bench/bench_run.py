@@ -73,8 +73,14 @@ def main() -> int:
         subprocess.run(["chmod", "-R", "a+rX", str(src), str(runtime)], check=True)
 
         def ocibox_env(root: Path, home: Path) -> dict[str, str]:
-            return dict(os.environ, PYTHONPATH=str(src), OCIBOX_ROOT=str(root), HOME=str(home),
-                        OCIBOX_RUNTIME=str(runtime), NO_PROXY="127.0.0.1")
+            return dict(
+                os.environ,
+                PYTHONPATH=str(src),
+                OCIBOX_ROOT=str(root),
+                HOME=str(home),
+                OCIBOX_RUNTIME=str(runtime),
+                NO_PROXY="127.0.0.1",
+            )
 
         # --- 1. start-up with the image ready ------------------------------------------------------
         root_store, user_home = work / "store-root", work / "home-user"
@@ -86,13 +92,21 @@ def main() -> int:
         ocibox = [PYTHON, "-m", "ocibox"]
         as_user = setpriv_prefix(USER)
         subprocess.run([*ocibox, "pull", "-q", ref], env=env_root, check=True, stdout=subprocess.DEVNULL)
-        subprocess.run([*as_user, *ocibox, "pull", "-q", ref], env=env_user, check=True,
-                       stdout=subprocess.DEVNULL)
+        subprocess.run(
+            [*as_user, *ocibox, "pull", "-q", ref], env=env_user, check=True, stdout=subprocess.DEVNULL
+        )
         podman_root = work / "podman"
-        podman = ["podman", "--root", str(podman_root / "root"), "--runroot", str(podman_root / "run"),
-                  *PODMAN_FLAGS]
-        subprocess.run([*podman, "pull", "-q", "--tls-verify=false", ref], check=True,
-                       stdout=subprocess.DEVNULL)
+        podman = [
+            "podman",
+            "--root",
+            str(podman_root / "root"),
+            "--runroot",
+            str(podman_root / "run"),
+            *PODMAN_FLAGS,
+        ]
+        subprocess.run(
+            [*podman, "pull", "-q", "--tls-verify=false", ref], check=True, stdout=subprocess.DEVNULL
+        )
 
         commands = {
             "ocibox root": [*ocibox, "run", "--rm", ref, "true"],
@@ -114,8 +128,10 @@ def main() -> int:
             print(f"  {name:24s} {ms:7.1f} ms")
         for name in ("ocibox root", "ocibox rootless"):
             none = med["podman --network none"]
-            print(f"  ratio {name} / podman = {med[name] / med['podman']:.3f}"
-                  f"  (/ podman --network none = {med[name] / none:.3f}; goal <= 0.125)")
+            print(
+                f"  ratio {name} / podman = {med[name] / med['podman']:.3f}"
+                f"  (/ podman --network none = {med[name] / none:.3f}; goal <= 0.125)"
+            )
 
         # --- 2. time to first container ------------------------------------------------------------
         first: dict[str, list[float]] = {"ocibox": [], "podman": []}
@@ -130,29 +146,54 @@ def main() -> int:
             shutil.rmtree(store, ignore_errors=True)
             shutil.rmtree(work / f"bundle-{run}", ignore_errors=True)
             drop_caches()
-            first["ocibox"].append(timed([*ocibox, "pull", "-q", ref], env)
-                                   + timed([*ocibox, "run", "--rm", ref, "true"], env))
-            fresh = ["podman", "--root", str(work / f"p-{run}/root"), "--runroot", str(work / f"p-{run}/run"),
-                     *PODMAN_FLAGS]
+            first["ocibox"].append(
+                timed([*ocibox, "pull", "-q", ref], env) + timed([*ocibox, "run", "--rm", ref, "true"], env)
+            )
+            fresh = [
+                "podman",
+                "--root",
+                str(work / f"p-{run}/root"),
+                "--runroot",
+                str(work / f"p-{run}/run"),
+                *PODMAN_FLAGS,
+            ]
             drop_caches()
             podman_pull = timed([*fresh, "pull", "-q", "--tls-verify=false", ref])
             ready["podman"].append(podman_pull)
             first["podman"].append(podman_pull + timed([*fresh, "run", "--rm", *PODMAN_RUN, ref, "true"]))
             subprocess.run([*fresh, "system", "reset", "-f"], capture_output=True)
             shutil.rmtree(store, ignore_errors=True)
-            print(f"run {run + 1}: first container ocibox {first['ocibox'][-1]:.2f} s, "
-                  f"podman {first['podman'][-1]:.2f} s; pull + unpack {ready['ocibox'][-1]:.2f} s, "
-                  f"podman pull {ready['podman'][-1]:.2f} s", flush=True)
+            print(
+                f"run {run + 1}: first container ocibox {first['ocibox'][-1]:.2f} s, "
+                f"podman {first['podman'][-1]:.2f} s; pull + unpack {ready['ocibox'][-1]:.2f} s, "
+                f"podman pull {ready['podman'][-1]:.2f} s",
+                flush=True,
+            )
         oc, pm = statistics.median(first["ocibox"]), statistics.median(first["podman"])
-        print(f"time to first container (pull + run, cold), median of {args.first_runs}: "
-              f"ocibox {oc:.2f} s, podman {pm:.2f} s, ratio {oc / pm:.2f} (goal <= 0.5)")
+        print(
+            f"time to first container (pull + run, cold), median of {args.first_runs}: "
+            f"ocibox {oc:.2f} s, podman {pm:.2f} s, ratio {oc / pm:.2f} (goal <= 0.5)"
+        )
         oc, pm = statistics.median(ready["ocibox"]), statistics.median(ready["podman"])
-        print(f"pull + unpack (ready to run), cold, median of {args.first_runs}: ocibox {oc:.2f} s, "
-              f"podman pull {pm:.2f} s, ratio {oc / pm:.2f} (goal <= 0.5)")
+        print(
+            f"pull + unpack (ready to run), cold, median of {args.first_runs}: ocibox {oc:.2f} s, "
+            f"podman pull {pm:.2f} s, ratio {oc / pm:.2f} (goal <= 0.5)"
+        )
     finally:
         registry.stop()
-        subprocess.run(["podman", "--root", str(work / "podman/root"), "--runroot", str(work / "podman/run"),
-                        "system", "reset", "-f"], capture_output=True)
+        subprocess.run(
+            [
+                "podman",
+                "--root",
+                str(work / "podman/root"),
+                "--runroot",
+                str(work / "podman/run"),
+                "system",
+                "reset",
+                "-f",
+            ],
+            capture_output=True,
+        )
         shutil.rmtree(work, ignore_errors=True)
     return 0
 

@@ -94,7 +94,7 @@ def main() -> int:
         rss: dict[str, list[int]] = {t: [] for t in tools}
         cpus: dict[str, list[float]] = {t: [] for t in tools}
         for n in range(args.runs):
-            order = tools[n % 3:] + tools[: n % 3]
+            order = tools[n % 3 :] + tools[: n % 3]
             for tool in order:
                 target = work / f"out-{tool.replace('|', '-')}-{n}"
                 drop_caches()
@@ -102,21 +102,30 @@ def main() -> int:
                 times[tool].append(seconds)
                 rss[tool].append(peak)
                 cpus[tool].append(cpu)
-                print(f"run {n + 1}: {tool:8s} {seconds:6.3f} s  cpu {cpu:6.3f} s  "
-                      f"peak RSS {peak / 1024:6.1f} MB", flush=True)
+                print(
+                    f"run {n + 1}: {tool:8s} {seconds:6.3f} s  cpu {cpu:6.3f} s  "
+                    f"peak RSS {peak / 1024:6.1f} MB",
+                    flush=True,
+                )
                 subprocess.run(["rm", "-rf", str(target)], check=True)
 
         med = {t: statistics.median(v) for t, v in times.items()}
         print()
-        print(f"image: {ref} ({facts['layers']} layers, {facts['compressed_size'] / 1e6:.1f} MB compressed, "
-              f"{facts['entries']} entries)")
-        print(f"cold unpack, median of {args.runs}: ocibox {med['ocibox']:.3f} s, umoci --rootless "
-              f"{med['umoci']:.3f} s, gzip -dc | tar -x {med['gzip|tar']:.3f} s")
+        print(
+            f"image: {ref} ({facts['layers']} layers, {facts['compressed_size'] / 1e6:.1f} MB compressed, "
+            f"{facts['entries']} entries)"
+        )
+        print(
+            f"cold unpack, median of {args.runs}: ocibox {med['ocibox']:.3f} s, umoci --rootless "
+            f"{med['umoci']:.3f} s, gzip -dc | tar -x {med['gzip|tar']:.3f} s"
+        )
         print(f"  ocibox / umoci    = {med['ocibox'] / med['umoci']:.2f}  (goal <= 0.50)")
         print(f"  ocibox / gzip|tar = {med['ocibox'] / med['gzip|tar']:.2f}  (goal <= 1.50)")
         cpu = {t: statistics.median(v) for t, v in cpus.items()}
-        print(f"CPU (user+sys), median: ocibox {cpu['ocibox']:.2f} s, umoci {cpu['umoci']:.2f} s, "
-              f"gzip|tar {cpu['gzip|tar']:.2f} s  (wall ratios drift when other work shares the CPUs)")
+        print(
+            f"CPU (user+sys), median: ocibox {cpu['ocibox']:.2f} s, umoci {cpu['umoci']:.2f} s, "
+            f"gzip|tar {cpu['gzip|tar']:.2f} s  (wall ratios drift when other work shares the CPUs)"
+        )
         print(f"peak RSS: ocibox {max(rss['ocibox']) / 1024:.1f} MB, umoci {max(rss['umoci']) / 1024:.1f} MB")
     finally:
         registry.stop()

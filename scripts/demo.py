@@ -90,8 +90,13 @@ def run_pulled(demo: Demo) -> None:
 
 def build_from_binary(demo: Demo) -> None:
     demo.ocibox(
-        "build", "--from-binary", "/bin/busybox", "--tag", "localhost/demo/hello:1",
-        "--cmd", '["echo", "hello from an image built with ocibox build"]',
+        "build",
+        "--from-binary",
+        "/bin/busybox",
+        "--tag",
+        "localhost/demo/hello:1",
+        "--cmd",
+        '["echo", "hello from an image built with ocibox build"]',
     )
 
 
@@ -112,8 +117,17 @@ def run_compiled_as_user(demo: Demo) -> None:
     exe.chmod(0o755)
     user = "ocibox-test"
     if os.geteuid() == 0:
-        cmd = ["setpriv", f"--reuid={user}", f"--regid={user}", "--init-groups", "env", "-i",
-               "PATH=/usr/bin:/bin", f"HOME=/home/{user}", str(exe)]
+        cmd = [
+            "setpriv",
+            f"--reuid={user}",
+            f"--regid={user}",
+            "--init-groups",
+            "env",
+            "-i",
+            "PATH=/usr/bin:/bin",
+            f"HOME=/home/{user}",
+            str(exe),
+        ]
     else:
         cmd = [str(exe)]
     for args in ([], ["echo", "arguments replace the image's Cmd, as with docker run"]):

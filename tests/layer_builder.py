@@ -107,29 +107,48 @@ def write_layout(layout: Path, tag: str, layers: list[bytes], config: dict | Non
     descs = []
     for raw in layers:
         blob = gz(raw)
-        descs.append({"mediaType": "application/vnd.oci.image.layer.v1.tar+gzip", "digest": put(blob),
-                      "size": len(blob)})
+        descs.append(
+            {
+                "mediaType": "application/vnd.oci.image.layer.v1.tar+gzip",
+                "digest": put(blob),
+                "size": len(blob),
+            }
+        )
     cfg = {
-        "architecture": "amd64", "os": "linux",
-        "config": {"Env": ["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"],
-                   "Cmd": ["/bin/sh"]},
+        "architecture": "amd64",
+        "os": "linux",
+        "config": {
+            "Env": ["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"],
+            "Cmd": ["/bin/sh"],
+        },
         "rootfs": {"type": "layers", "diff_ids": [sha256(raw) for raw in layers]},
     }
     if config:
         cfg["config"].update(config)
     cfg_bytes = json.dumps(cfg).encode()
     manifest = {
-        "schemaVersion": 2, "mediaType": "application/vnd.oci.image.manifest.v1+json",
-        "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": put(cfg_bytes),
-                   "size": len(cfg_bytes)},
+        "schemaVersion": 2,
+        "mediaType": "application/vnd.oci.image.manifest.v1+json",
+        "config": {
+            "mediaType": "application/vnd.oci.image.config.v1+json",
+            "digest": put(cfg_bytes),
+            "size": len(cfg_bytes),
+        },
         "layers": descs,
     }
     man_bytes = json.dumps(manifest).encode()
     index_path = layout / "index.json"
-    index = json.loads(index_path.read_text()) if index_path.exists() else {"schemaVersion": 2, "manifests": []}
-    index["manifests"].append({"mediaType": "application/vnd.oci.image.manifest.v1+json",
-                               "digest": put(man_bytes), "size": len(man_bytes),
-                               "annotations": {"org.opencontainers.image.ref.name": tag}})
+    index = (
+        json.loads(index_path.read_text()) if index_path.exists() else {"schemaVersion": 2, "manifests": []}
+    )
+    index["manifests"].append(
+        {
+            "mediaType": "application/vnd.oci.image.manifest.v1+json",
+            "digest": put(man_bytes),
+            "size": len(man_bytes),
+            "annotations": {"org.opencontainers.image.ref.name": tag},
+        }
+    )
     index_path.write_text(json.dumps(index))
     (layout / "oci-layout").write_text('{"imageLayoutVersion": "1.0.0"}')
     return cfg

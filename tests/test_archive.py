@@ -12,9 +12,7 @@ PODMAN = ["podman", "--runtime", "runc", "--cgroup-manager", "cgroupfs"]
 def _oci_archive(layout, tmp_path, name="localhost/busybox:1"):
     """An oci-archive written by skopeo from a test layout."""
     out = tmp_path / "busybox-oci.tar"
-    subprocess.run(
-        ["skopeo", "copy", "-q", f"oci:{layout}:latest", f"oci-archive:{out}:{name}"], check=True
-    )
+    subprocess.run(["skopeo", "copy", "-q", f"oci:{layout}:latest", f"oci-archive:{out}:{name}"], check=True)
     return out
 
 
@@ -30,7 +28,10 @@ def test_a_user_loads_a_skopeo_oci_archive_and_sees_it_listed(ocibox, busybox_la
     inspected = json.loads(ocibox("inspect", "localhost/busybox:1").stdout)[0]
     assert inspected["Config"]["config"]["Cmd"] == ["sh"]
     assert inspected["Os"] == "linux" and inspected["Architecture"] == "amd64"
-    assert ocibox("inspect", "-f", "{{json .Config.config.Cmd}}", "localhost/busybox:1").stdout.strip() == '["sh"]'
+    assert (
+        ocibox("inspect", "-f", "{{json .Config.config.Cmd}}", "localhost/busybox:1").stdout.strip()
+        == '["sh"]'
+    )
     # By image ID, as docker accepts it.
     assert ocibox("inspect", listed[0]["ID"]).returncode == 0
 
@@ -61,9 +62,22 @@ def test_saved_archives_are_read_by_skopeo_and_podman(ocibox, busybox_layouts, t
         loaded = subprocess.run([*PODMAN, "load", "-i", str(archive)], capture_output=True, text=True)
         assert loaded.returncode == 0, loaded.stderr
         ran = subprocess.run(
-            [*PODMAN, "run", "--rm", "--ulimit", "nofile=20000:20000", "--ulimit", "nproc=4096:4096", "--network", "none",
-             "localhost/busybox:1", "echo", "hello from podman"],
-            capture_output=True, text=True,
+            [
+                *PODMAN,
+                "run",
+                "--rm",
+                "--ulimit",
+                "nofile=20000:20000",
+                "--ulimit",
+                "nproc=4096:4096",
+                "--network",
+                "none",
+                "localhost/busybox:1",
+                "echo",
+                "hello from podman",
+            ],
+            capture_output=True,
+            text=True,
         )
         assert ran.stdout.strip() == "hello from podman", ran.stderr
     subprocess.run([*PODMAN, "rmi", "-f", "localhost/busybox:1"], capture_output=True)
@@ -83,8 +97,14 @@ def test_a_docker_archive_round_trips_with_the_same_image_id(ocibox, busybox_lay
 def test_a_multi_arch_archive_loads_the_host_platform(ocibox, busybox_layouts, tmp_path):
     archive = tmp_path / "multi.tar"
     subprocess.run(
-        ["skopeo", "copy", "-q", "--all", f"oci:{busybox_layouts['multiarch']}:latest",
-         f"oci-archive:{archive}:localhost/multi:1"],
+        [
+            "skopeo",
+            "copy",
+            "-q",
+            "--all",
+            f"oci:{busybox_layouts['multiarch']}:latest",
+            f"oci-archive:{archive}:localhost/multi:1",
+        ],
         check=True,
     )
     ocibox("load", "-i", str(archive))

@@ -33,14 +33,29 @@ FOOTER = struct.Struct("<8sII4Q32s")
 
 
 def footer(path: Path) -> dict:
-    data = path.read_bytes()[-FOOTER.size:]
+    data = path.read_bytes()[-FOOTER.size :]
     magic, version, size, poff, psize, coff, csize, digest = FOOTER.unpack(data)
-    return {"magic": magic, "version": version, "size": size, "payload_offset": poff, "payload_size": psize,
-            "config_offset": coff, "config_size": csize, "sha256": digest.hex()}
+    return {
+        "magic": magic,
+        "version": version,
+        "size": size,
+        "payload_offset": poff,
+        "payload_size": psize,
+        "config_offset": coff,
+        "config_size": csize,
+        "sha256": digest.hex(),
+    }
 
 
-def run(cmd: list, *, user: str | None = None, input: str | None = None, cwd: str | Path = "/",  # noqa: A002
-        env: dict | None = None, timeout: float = 60) -> subprocess.CompletedProcess:
+def run(
+    cmd: list,
+    *,
+    user: str | None = None,
+    input: str | None = None,
+    cwd: str | Path = "/",  # noqa: A002
+    env: dict | None = None,
+    timeout: float = 60,
+) -> subprocess.CompletedProcess:
     """Run a command as root or as `user`, from an unrelated folder, stdin a pipe (or empty)."""
     full = (setpriv_prefix(user) if user else []) + [str(c) for c in cmd]
     base = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "HOME": "/root" if not user else f"/home/{user}"}
@@ -49,8 +64,15 @@ def run(cmd: list, *, user: str | None = None, input: str | None = None, cwd: st
 
         base["HOME"] = pwd.getpwnam(user).pw_dir
     base.update(env or {})
-    return subprocess.run(full, input=input if input is not None else "", capture_output=True, text=True,
-                          cwd=cwd, env=base, timeout=timeout)
+    return subprocess.run(
+        full,
+        input=input if input is not None else "",
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        env=base,
+        timeout=timeout,
+    )
 
 
 # --- fixtures --------------------------------------------------------------------------------------
@@ -93,13 +115,13 @@ def test_the_file_is_runtime_payload_config_and_footer(busybox_exe: Path, runner
     data = busybox_exe.read_bytes()
     assert data[:4] == b"\x7fELF"
     runtime = (Path(__file__).parent.parent / "runtime" / "ocibox-runtime").read_bytes()
-    assert data[:f["payload_offset"]] == runtime
-    payload = data[f["payload_offset"]:f["payload_offset"] + f["payload_size"]]
+    assert data[: f["payload_offset"]] == runtime
+    payload = data[f["payload_offset"] : f["payload_offset"] + f["payload_size"]]
     assert payload[:4] == b"hsqs"
     assert hashlib.sha256(payload).hexdigest() == f["sha256"]
     assert f["config_offset"] == f["payload_offset"] + f["payload_size"]
     assert f["config_offset"] + f["config_size"] + 80 == len(data)
-    config = json.loads(data[f["config_offset"]:f["config_offset"] + f["config_size"]])
+    config = json.loads(data[f["config_offset"] : f["config_offset"] + f["config_size"]])
     assert config["process"]["args"] == ["sh"]
     assert json.loads(config["annotations"]["org.ocibox.cmd"]) == ["sh"]
     assert "uidMappings" not in config["linux"]  # filled in for whoever runs it
@@ -109,8 +131,12 @@ def test_the_file_is_runtime_payload_config_and_footer(busybox_exe: Path, runner
 def test_the_payload_is_the_images_tree(busybox_exe: Path, tmp_path: Path) -> None:
     """unsquashfs and sqfscat read the payload at its offset; it holds what the layers hold."""
     f = footer(busybox_exe)
-    listing = subprocess.run(["unsquashfs", "-o", str(f["payload_offset"]), "-lls", str(busybox_exe)],
-                             capture_output=True, text=True, check=True).stdout
+    listing = subprocess.run(
+        ["unsquashfs", "-o", str(f["payload_offset"]), "-lls", str(busybox_exe)],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
     assert re.search(r"^-rwxr-xr-x root/root\s+\d+ \S+ \S+ squashfs-root/bin/busybox$", listing, re.M)
     assert re.search(r"^lrwxrwxrwx root/root .* squashfs-root/bin/sh -> /bin/busybox$", listing, re.M)
     payload = tmp_path / "payload.sqfs"
@@ -129,35 +155,73 @@ def test_the_payload_is_the_images_tree(busybox_exe: Path, tmp_path: Path) -> No
 
 def _layers() -> list[bytes]:
     """Three layers exercising every changeset rule."""
-    base = tar_bytes([
-        D("etc"), F("etc/passwd", "root:x:0:0:root:/root:/bin/sh\napp:x:1000:1000::/home/app:/bin/sh\n"),
-        F("etc/group", "root:x:0:\napp:x:1000:\n"),
-        D("bin"), F("bin/tool", "#!/bin/sh\n", mode=0o4755),
-        D("data", mode=0o700, uid=1000, gid=1000), F("data/a", "lower a", uid=1000, gid=1000),
-        F("data/b", "lower b"), D("data/sub"), F("data/sub/c", "lower c"),
-        D("opaque"), F("opaque/old", "hidden by opaque"), D("opaque/olddir"), F("opaque/olddir/x", "x"),
-        D("gone"), F("gone/f", "whited out dir"), F("file-then-dir", "was a file"),
-        D("dir-then-file"), F("dir-then-file/inner", "hidden"),
-        F("link-src", "shared content"), H("hard-lower", "link-src"),
-        D("tmp", mode=0o1777), FIFO("fifo"), CHR("null", 1, 3),
-        F("xattr-file", "x", pax={"SCHILY.xattr.user.comment": "hello"}),
-        S("abs-link", "/etc/passwd"), F("replaced", "old content"),
-        F("pair-a", "old pair"), H("pair-b", "pair-a"),
-        D("usr"), D("usr/lib"), F("usr/lib/libbase.so", "base"), S("lib", "usr/lib"),
-    ])
-    middle = tar_bytes([
-        F("data/a", "middle a", mode=0o600, uid=1000, gid=1000), WH("data/b"),
-        D("opaque"), OPQ("opaque"), F("opaque/new", "same layer stays"),
-        WH("gone"), D("file-then-dir"), F("file-then-dir/now", "a folder now"),
-        F("dir-then-file", "a file now"), F("replaced", "first in layer"), F("replaced", "second in layer"),
-        H("hard-upper", "link-src"),
-    ])
-    top = tar_bytes([
-        D("data/sub", mode=0o750), F("data/sub/d", "top d"), WH("data/sub/c"),
-        F("new/deep/file", "parents implied"), F("etc/motd", "hi\n", uid=0, gid=1000),
-        F("both1", "pair"), H("both2", "both1"), F("pair-a", "new a"),
-        D("lib/extra"), F("lib/extra/libtop.so", "through the symlink"),
-    ])
+    base = tar_bytes(
+        [
+            D("etc"),
+            F("etc/passwd", "root:x:0:0:root:/root:/bin/sh\napp:x:1000:1000::/home/app:/bin/sh\n"),
+            F("etc/group", "root:x:0:\napp:x:1000:\n"),
+            D("bin"),
+            F("bin/tool", "#!/bin/sh\n", mode=0o4755),
+            D("data", mode=0o700, uid=1000, gid=1000),
+            F("data/a", "lower a", uid=1000, gid=1000),
+            F("data/b", "lower b"),
+            D("data/sub"),
+            F("data/sub/c", "lower c"),
+            D("opaque"),
+            F("opaque/old", "hidden by opaque"),
+            D("opaque/olddir"),
+            F("opaque/olddir/x", "x"),
+            D("gone"),
+            F("gone/f", "whited out dir"),
+            F("file-then-dir", "was a file"),
+            D("dir-then-file"),
+            F("dir-then-file/inner", "hidden"),
+            F("link-src", "shared content"),
+            H("hard-lower", "link-src"),
+            D("tmp", mode=0o1777),
+            FIFO("fifo"),
+            CHR("null", 1, 3),
+            F("xattr-file", "x", pax={"SCHILY.xattr.user.comment": "hello"}),
+            S("abs-link", "/etc/passwd"),
+            F("replaced", "old content"),
+            F("pair-a", "old pair"),
+            H("pair-b", "pair-a"),
+            D("usr"),
+            D("usr/lib"),
+            F("usr/lib/libbase.so", "base"),
+            S("lib", "usr/lib"),
+        ]
+    )
+    middle = tar_bytes(
+        [
+            F("data/a", "middle a", mode=0o600, uid=1000, gid=1000),
+            WH("data/b"),
+            D("opaque"),
+            OPQ("opaque"),
+            F("opaque/new", "same layer stays"),
+            WH("gone"),
+            D("file-then-dir"),
+            F("file-then-dir/now", "a folder now"),
+            F("dir-then-file", "a file now"),
+            F("replaced", "first in layer"),
+            F("replaced", "second in layer"),
+            H("hard-upper", "link-src"),
+        ]
+    )
+    top = tar_bytes(
+        [
+            D("data/sub", mode=0o750),
+            F("data/sub/d", "top d"),
+            WH("data/sub/c"),
+            F("new/deep/file", "parents implied"),
+            F("etc/motd", "hi\n", uid=0, gid=1000),
+            F("both1", "pair"),
+            H("both2", "both1"),
+            F("pair-a", "new a"),
+            D("lib/extra"),
+            F("lib/extra/libtop.so", "through the symlink"),
+        ]
+    )
     return [base, middle, top]
 
 
@@ -205,20 +269,36 @@ def test_flatten_matches_applying_the_layers(tmp_path: Path) -> None:
     assert t["lib"][0] == "symlink" and t["usr/lib/extra/libtop.so"][0] == "file"  # merged-usr
     assert t["null"] == ("dev", 0o666, 0, "1:3", None) and t["fifo"][0] == "fifo"
     assert os.getxattr(extracted / "xattr-file", "user.comment") == b"hello"
-    listing = subprocess.run(["unsquashfs", "-lln", str(image)], capture_output=True, text=True,
-                             check=True).stdout
+    listing = subprocess.run(
+        ["unsquashfs", "-lln", str(image)], capture_output=True, text=True, check=True
+    ).stdout
     assert re.search(r"^-rw------- 1000/1000 .* squashfs-root/data/a$", listing, re.M)
 
 
 def test_compile_takes_a_stored_image_or_an_archive_and_says_what_is_wrong(
-    runner, busybox_exe, busybox_layouts, tmp_path: Path,
+    runner,
+    busybox_exe,
+    busybox_layouts,
+    tmp_path: Path,
 ) -> None:
     archive = tmp_path / "busybox-oci.tar"
-    subprocess.run(["skopeo", "copy", "-q", f"oci:{busybox_layouts['busybox']}", f"oci-archive:{archive}"],
-                   check=True, capture_output=True)
+    subprocess.run(
+        ["skopeo", "copy", "-q", f"oci:{busybox_layouts['busybox']}", f"oci-archive:{archive}"],
+        check=True,
+        capture_output=True,
+    )
     docker_archive = tmp_path / "busybox-docker.tar"
-    subprocess.run(["skopeo", "copy", "-q", f"oci:{busybox_layouts['busybox']}",
-                    f"docker-archive:{docker_archive}:busybox:latest"], check=True, capture_output=True)
+    subprocess.run(
+        [
+            "skopeo",
+            "copy",
+            "-q",
+            f"oci:{busybox_layouts['busybox']}",
+            f"docker-archive:{docker_archive}:busybox:latest",
+        ],
+        check=True,
+        capture_output=True,
+    )
     payload = footer(busybox_exe)["sha256"]
     for source in (str(archive), str(docker_archive)):
         out = tmp_path / "from-archive"
@@ -228,7 +308,9 @@ def test_compile_takes_a_stored_image_or_an_archive_and_says_what_is_wrong(
     stored = runner("images").stdout.splitlines()[1].split()[0]
     runner("compile", stored, "-o", str(tmp_path / "from-store"))
     bad = runner("compile", "no-such-image-here", "-o", str(tmp_path / "x"), check=False)
-    assert bad.returncode == 125 and bad.stderr.strip().splitlines()[-1].startswith("ocibox: ")  # after "Pulling"
+    assert bad.returncode == 125 and bad.stderr.strip().splitlines()[-1].startswith(
+        "ocibox: "
+    )  # after "Pulling"
     assert "Traceback" not in bad.stderr and not (tmp_path / "x").exists()
     bad = runner("compile", stored, "-o", str(tmp_path / "x"), "--volume", "relative", check=False)
     assert bad.returncode == 125 and "--volume" in bad.stderr
@@ -272,15 +354,39 @@ def test_runtime_options_use_the_reserved_prefix(busybox_exe: Path, user, user_d
     shared.mkdir()
     (shared / "in.txt").write_text("from the host\n")
     os.chown(shared, user_dir.stat().st_uid, user_dir.stat().st_gid)
-    r = run([busybox_exe, "--ocibox-env", "GREETING=hi there", "--ocibox-env=SECOND=2", "sh", "-c",
-             "echo $GREETING $SECOND"], user=user, cwd=user_dir)
+    r = run(
+        [
+            busybox_exe,
+            "--ocibox-env",
+            "GREETING=hi there",
+            "--ocibox-env=SECOND=2",
+            "sh",
+            "-c",
+            "echo $GREETING $SECOND",
+        ],
+        user=user,
+        cwd=user_dir,
+    )
     assert r.stdout == "hi there 2\n", r.stderr
-    r = run([busybox_exe, "--ocibox-volume", f"{shared}:/data", "sh", "-c",
-             "cat /data/in.txt; echo back > /data/out.txt"], user=user, cwd=user_dir)
+    r = run(
+        [
+            busybox_exe,
+            "--ocibox-volume",
+            f"{shared}:/data",
+            "sh",
+            "-c",
+            "cat /data/in.txt; echo back > /data/out.txt",
+        ],
+        user=user,
+        cwd=user_dir,
+    )
     assert r.stdout == "from the host\n", r.stderr
     assert (shared / "out.txt").read_text() == "back\n"
-    r = run([busybox_exe, "--ocibox-volume", f"{shared}:/data:ro", "sh", "-c", "echo no > /data/x"],
-            user=user, cwd=user_dir)
+    r = run(
+        [busybox_exe, "--ocibox-volume", f"{shared}:/data:ro", "sh", "-c", "echo no > /data/x"],
+        user=user,
+        cwd=user_dir,
+    )
     assert r.returncode != 0 and not (shared / "x").exists()
     r = run([busybox_exe, "--ocibox-workdir", "/tmp/work", "pwd"], user=user, cwd=user_dir)
     assert r.stdout == "/tmp/work\n"
@@ -304,8 +410,13 @@ def test_host_files_and_network(busybox_exe: Path) -> None:
 
 
 def test_a_terminal_passes_through(busybox_exe: Path) -> None:
-    r = subprocess.run(["script", "-qec", f"{busybox_exe} tty", "/dev/null"], capture_output=True,
-                       text=True, timeout=60, stdin=subprocess.DEVNULL)
+    r = subprocess.run(
+        ["script", "-qec", f"{busybox_exe} tty", "/dev/null"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        stdin=subprocess.DEVNULL,
+    )
     assert r.returncode == 0 and "/dev/pts/" in r.stdout
     r = run([busybox_exe, "tty"])  # stdin a pipe: no terminal
     assert r.stdout.strip() == "not a tty"
@@ -315,8 +426,19 @@ def test_a_terminal_passes_through(busybox_exe: Path) -> None:
 def test_bind_cwd_works_on_the_callers_files(runner, busybox_exe: Path, user, user_dir: Path) -> None:
     exe = busybox_exe.parent / "cat-here.exe"
     if not exe.exists():
-        runner("compile", str(footer_image_name(busybox_exe)), "-o", str(exe), "--bind-cwd",
-               "--entrypoint", "cat", "--cmd", "notes.txt", "--env", "BAKED=yes")
+        runner(
+            "compile",
+            str(footer_image_name(busybox_exe)),
+            "-o",
+            str(exe),
+            "--bind-cwd",
+            "--entrypoint",
+            "cat",
+            "--cmd",
+            "notes.txt",
+            "--env",
+            "BAKED=yes",
+        )
     (user_dir / "notes.txt").write_text("my notes\n")
     r = run([exe], user=user, cwd=user_dir)
     assert (r.returncode, r.stdout) == (0, "my notes\n"), r.stderr
@@ -332,8 +454,17 @@ def footer_image_name(exe: Path) -> str:
 
 
 def test_signals_are_forwarded(busybox_exe: Path) -> None:
-    proc = subprocess.Popen([busybox_exe, "sh", "-c", "trap 'echo got TERM; exit 3' TERM; echo ready; "
-                             "while :; do sleep 0.1; done"], stdout=subprocess.PIPE, text=True, cwd="/")
+    proc = subprocess.Popen(
+        [
+            busybox_exe,
+            "sh",
+            "-c",
+            "trap 'echo got TERM; exit 3' TERM; echo ready; while :; do sleep 0.1; done",
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+        cwd="/",
+    )
     try:
         assert proc.stdout.readline() == "ready\n"
         proc.send_signal(signal.SIGTERM)
@@ -349,11 +480,21 @@ def test_signals_are_forwarded(busybox_exe: Path) -> None:
 def test_without_dev_fuse_it_extracts_once(busybox_exe: Path, user, user_dir: Path) -> None:
     cache = user_dir / "cache"
     inner = setpriv_prefix(user) if user else []
-    script = ("mount --bind /dev/null /dev/fuse && " + " ".join(inner + [str(busybox_exe), "echo", "first"])
-              + " && " + " ".join(inner + [str(busybox_exe), "echo", "second"]))
+    script = (
+        "mount --bind /dev/null /dev/fuse && "
+        + " ".join(inner + [str(busybox_exe), "echo", "first"])
+        + " && "
+        + " ".join(inner + [str(busybox_exe), "echo", "second"])
+    )
     env = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "XDG_CACHE_HOME": str(cache), "HOME": str(user_dir)}
-    r = subprocess.run(["unshare", "-m", "--propagation", "private", "sh", "-c", script], capture_output=True,
-                       text=True, env=env, timeout=120, cwd="/")
+    r = subprocess.run(
+        ["unshare", "-m", "--propagation", "private", "sh", "-c", script],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+        cwd="/",
+    )
     assert r.returncode == 0, r.stderr
     assert r.stdout == "first\nsecond\n"
     assert r.stderr.count("/dev/fuse can't be used here") == 1
@@ -379,8 +520,12 @@ def test_kill_9_leaves_nothing_behind(busybox_exe: Path, user, user_dir: Path) -
     mounts_before = Path("/proc/self/mounts").read_text()
     tmp_before = set(os.listdir("/tmp"))
     marker = f"sleep {4000 + os.getpid() % 1000}"
-    proc = subprocess.Popen((setpriv_prefix(user) if user else []) + [str(busybox_exe), "sh", "-c",
-                            f"echo ready; exec {marker}"], stdout=subprocess.PIPE, text=True, cwd=user_dir)
+    proc = subprocess.Popen(
+        (setpriv_prefix(user) if user else []) + [str(busybox_exe), "sh", "-c", f"echo ready; exec {marker}"],
+        stdout=subprocess.PIPE,
+        text=True,
+        cwd=user_dir,
+    )
     try:
         _kill_and_check(proc, busybox_exe, marker, mounts_before, tmp_before)
     finally:
@@ -389,15 +534,19 @@ def test_kill_9_leaves_nothing_behind(busybox_exe: Path, user, user_dir: Path) -
             proc.wait()
 
 
-def _kill_and_check(proc: subprocess.Popen, busybox_exe: Path, marker: str, mounts_before: str,
-                    tmp_before: set[str]) -> None:
+def _kill_and_check(
+    proc: subprocess.Popen, busybox_exe: Path, marker: str, mounts_before: str, tmp_before: set[str]
+) -> None:
     assert proc.stdout.readline() == "ready\n"
 
     def sleepers() -> list[int]:
         found = []
         for d in Path("/proc").iterdir():
             try:
-                if d.name.isdigit() and (d / "cmdline").read_bytes().replace(b"\0", b" ").strip() == marker.encode():
+                if (
+                    d.name.isdigit()
+                    and (d / "cmdline").read_bytes().replace(b"\0", b" ").strip() == marker.encode()
+                ):
                     found.append(int(d.name))
             except OSError:
                 continue
@@ -421,8 +570,15 @@ def _kill_and_check(proc: subprocess.Popen, busybox_exe: Path, marker: str, moun
 
 
 def test_two_copies_run_at_once(busybox_exe: Path) -> None:
-    procs = [subprocess.Popen([busybox_exe, "sh", "-c", f"echo {n} > /tmp/who; sleep 0.5; cat /tmp/who"],
-                              stdout=subprocess.PIPE, text=True, cwd="/") for n in ("one", "two")]
+    procs = [
+        subprocess.Popen(
+            [busybox_exe, "sh", "-c", f"echo {n} > /tmp/who; sleep 0.5; cat /tmp/who"],
+            stdout=subprocess.PIPE,
+            text=True,
+            cwd="/",
+        )
+        for n in ("one", "two")
+    ]
     outs = [p.communicate(timeout=60)[0] for p in procs]
     assert outs == ["one\n", "two\n"] and [p.returncode for p in procs] == [0, 0]
 
@@ -437,16 +593,21 @@ def test_python_image_compiles_and_runs(runner, images, user_dir: Path, tmp_path
     expected = tree(unpacked)
     f = footer(exe)
     extracted = tmp_path / "extracted"
-    subprocess.run(["unsquashfs", "-q", "-o", str(f["payload_offset"]), "-d", str(extracted), str(exe)],
-                   check=True, capture_output=True)
+    subprocess.run(
+        ["unsquashfs", "-q", "-o", str(f["payload_offset"]), "-d", str(extracted), str(exe)],
+        check=True,
+        capture_output=True,
+    )
     assert tree(extracted) == expected
     owners = {p: os.lstat(unpacked / p)[4:6] for p in expected}
     assert {p: os.lstat(extracted / p)[4:6] for p in expected} == owners
     kernel, fuse = tmp_path / "kernel", tmp_path / "fuse"
     kernel.mkdir()
     fuse.mkdir()
-    subprocess.run(["mount", "-t", "squashfs", "-o", f"loop,ro,offset={f['payload_offset']}", str(exe),
-                    str(kernel)], check=True)
+    subprocess.run(
+        ["mount", "-t", "squashfs", "-o", f"loop,ro,offset={f['payload_offset']}", str(exe), str(kernel)],
+        check=True,
+    )
     try:
         assert tree(kernel) == expected
     finally:
@@ -487,9 +648,19 @@ def test_where_user_namespaces_are_disabled_it_names_the_sysctl(busybox_exe: Pat
     pw = pwd.getpwnam(USER)
     tests = Path(__file__).resolve().parent
     done = subprocess.run(
-        [sys.executable, str(tests / "support" / "nouserns.py"), str(pw.pw_uid), str(pw.pw_gid),
-         str(busybox_exe), "echo", "hi"],
-        capture_output=True, text=True, cwd="/", timeout=60,
+        [
+            sys.executable,
+            str(tests / "support" / "nouserns.py"),
+            str(pw.pw_uid),
+            str(pw.pw_gid),
+            str(busybox_exe),
+            "echo",
+            "hi",
+        ],
+        capture_output=True,
+        text=True,
+        cwd="/",
+        timeout=60,
     )
     assert done.returncode == 125 and done.stdout == ""
     assert "user.max_user_namespaces" in done.stderr and "sysctl" in done.stderr

@@ -68,8 +68,11 @@ def _digests(files: dict[str, bytes]) -> tuple[str, str, list[str]]:
     """(manifest, config, layers) hex digests of a one-image layout."""
     manifest_hex = json.loads(files["index.json"])["manifests"][0]["digest"].split(":")[1]
     manifest = json.loads(files[f"blobs/sha256/{manifest_hex}"])
-    return (manifest_hex, manifest["config"]["digest"].split(":")[1],
-            [layer["digest"].split(":")[1] for layer in manifest["layers"]])
+    return (
+        manifest_hex,
+        manifest["config"]["digest"].split(":")[1],
+        [layer["digest"].split(":")[1] for layer in manifest["layers"]],
+    )
 
 
 def _with_config(files: dict[str, bytes], change: dict) -> dict[str, bytes]:
@@ -95,8 +98,10 @@ def _tagged(ocibox) -> list[str]:
     index = ocibox.root / "index.json"
     if not index.exists():
         return []
-    return [m["annotations"]["org.opencontainers.image.ref.name"]
-            for m in json.loads(index.read_text())["manifests"]]
+    return [
+        m["annotations"]["org.opencontainers.image.ref.name"]
+        for m in json.loads(index.read_text())["manifests"]
+    ]
 
 
 @pytest.fixture
@@ -119,8 +124,7 @@ def stored(ocibox, layout_files, archive_dir):
     ocibox("load", "-i", str(_write_archive(archive_dir / "busybox.tar", layout_files)))
     manifest_hex, config_hex, layer_hexes = _digests(layout_files)
     blobs = ocibox.root / "blobs" / "sha256"
-    return {"manifest": blobs / manifest_hex, "config": blobs / config_hex,
-            "layer": blobs / layer_hexes[0]}
+    return {"manifest": blobs / manifest_hex, "config": blobs / config_hex, "layer": blobs / layer_hexes[0]}
 
 
 def _replace(path: Path, data: bytes | None = None, symlink_to: str | None = None) -> None:
@@ -134,13 +138,18 @@ def _replace(path: Path, data: bytes | None = None, symlink_to: str | None = Non
 # --- a damaged store -------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("content", [
-    b"[1, 2]",
-    b'{"manifests": "all of them"}',
-    b'{"manifests": [{"mediaType": "x", "digest": "sha256:' + b"0" * 64 + b'", "size": 1, "annotations": [1]}]}',
-    b'{"manifests": [{"mediaType": "x", "digest": "sha256:' + b"0" * 64 + b'", "size": 1, '
-    b'"annotations": {"org.opencontainers.image.ref.name": "../NOT A NAME"}}]}',
-])
+@pytest.mark.parametrize(
+    "content",
+    [
+        b"[1, 2]",
+        b'{"manifests": "all of them"}',
+        b'{"manifests": [{"mediaType": "x", "digest": "sha256:'
+        + b"0" * 64
+        + b'", "size": 1, "annotations": [1]}]}',
+        b'{"manifests": [{"mediaType": "x", "digest": "sha256:' + b"0" * 64 + b'", "size": 1, '
+        b'"annotations": {"org.opencontainers.image.ref.name": "../NOT A NAME"}}]}',
+    ],
+)
 def test_a_damaged_index_json_is_named_and_left_as_it_is(ocibox, stored, content):
     index = ocibox.root / "index.json"
     index.write_bytes(content)
@@ -168,7 +177,9 @@ def test_pulling_again_repairs_a_damaged_manifest_and_config(ocibox, images):
     for digest in (image.digest, image.config_digest):
         (blobs / digest.split(":")[1]).unlink()
         (blobs / digest.split(":")[1]).write_text("{}")
-    _one_line(ocibox("run", "--rm", image.ref, "true", check=False), "damaged", "pull or load the image again")
+    _one_line(
+        ocibox("run", "--rm", image.ref, "true", check=False), "damaged", "pull or load the image again"
+    )
     ocibox("pull", "-q", image.ref)
     assert ocibox("run", "--rm", image.ref, "true").returncode == 0
 
@@ -204,14 +215,18 @@ def test_a_missing_config_is_reported_not_pulled_again(ocibox, stored):
         assert "Pulling" not in err and "Unable to find" not in err
 
 
-@pytest.mark.parametrize(("change", "field"), [
-    ({"config": [1]}, "config must be an object"),
-    ({"config": {"Env": [1, 2]}}, "config.Env"),
-    ({"rootfs": {"type": "layers", "diff_ids": 5}}, "rootfs.diff_ids"),
-    ({"architecture": 5}, "architecture"),
-])
-def test_an_image_config_of_the_wrong_shape_is_one_line_everywhere(ocibox, layout_files, archive_dir,
-                                                                    change, field):
+@pytest.mark.parametrize(
+    ("change", "field"),
+    [
+        ({"config": [1]}, "config must be an object"),
+        ({"config": {"Env": [1, 2]}}, "config.Env"),
+        ({"rootfs": {"type": "layers", "diff_ids": 5}}, "rootfs.diff_ids"),
+        ({"architecture": 5}, "architecture"),
+    ],
+)
+def test_an_image_config_of_the_wrong_shape_is_one_line_everywhere(
+    ocibox, layout_files, archive_dir, change, field
+):
     # In an archive: refused by load, nothing tagged.
     bad = _write_archive(archive_dir / "odd.tar", _with_config(layout_files, change))
     _one_line(ocibox("load", "-i", str(bad), check=False), str(bad), field)
@@ -305,12 +320,15 @@ def test_a_blob_given_as_a_link_to_a_host_file_is_not_read(ocibox, layout_files,
     assert _tagged(ocibox) == []
 
 
-@pytest.mark.parametrize(("digest", "message"), [
-    ("sha256:../../../etc/passwd", "malformed digest"),
-    ("sha512:" + "0" * 128, "malformed digest"),
-    ("sha256:" + "0" * 64, "has no"),
-    (5, "malformed digest"),
-])
+@pytest.mark.parametrize(
+    ("digest", "message"),
+    [
+        ("sha256:../../../etc/passwd", "malformed digest"),
+        ("sha512:" + "0" * 128, "malformed digest"),
+        ("sha256:" + "0" * 64, "has no"),
+        (5, "malformed digest"),
+    ],
+)
 def test_an_index_with_bogus_digests_is_refused(ocibox, layout_files, archive_dir, digest, message):
     files = dict(layout_files)
     index = json.loads(files["index.json"])
@@ -326,8 +344,13 @@ def test_an_archive_whose_second_image_is_broken_tags_nothing(ocibox, layout_fil
     index = json.loads(files["index.json"])
     first = index["manifests"][0]
     first["annotations"] = {"io.containerd.image.name": "localhost/first:1"}
-    index["manifests"].append({**first, "digest": "sha256:" + "1" * 64,
-                               "annotations": {"io.containerd.image.name": "localhost/second:1"}})
+    index["manifests"].append(
+        {
+            **first,
+            "digest": "sha256:" + "1" * 64,
+            "annotations": {"io.containerd.image.name": "localhost/second:1"},
+        }
+    )
     files["index.json"] = json.dumps(index).encode()
     archive = _write_archive(archive_dir / "two.tar", files)
     _one_line(ocibox("load", "-i", str(archive), check=False), "1" * 64)
@@ -336,12 +359,20 @@ def test_an_archive_whose_second_image_is_broken_tags_nothing(ocibox, layout_fil
 
 def _index_over(files: dict[str, bytes], target: dict, platform: str) -> dict:
     """An image index blob added to `files` whose one entry is `target` for `platform`."""
-    raw = json.dumps({"schemaVersion": 2, "mediaType": "application/vnd.oci.image.index.v1+json",
-                      "manifests": [{**target, "platform": {"os": "linux", "architecture": platform}}]}).encode()
+    raw = json.dumps(
+        {
+            "schemaVersion": 2,
+            "mediaType": "application/vnd.oci.image.index.v1+json",
+            "manifests": [{**target, "platform": {"os": "linux", "architecture": platform}}],
+        }
+    ).encode()
     digest = hashlib.sha256(raw).hexdigest()
     files[f"blobs/sha256/{digest}"] = raw
-    return {"mediaType": "application/vnd.oci.image.index.v1+json", "digest": f"sha256:{digest}",
-            "size": len(raw)}
+    return {
+        "mediaType": "application/vnd.oci.image.index.v1+json",
+        "digest": f"sha256:{digest}",
+        "size": len(raw),
+    }
 
 
 def test_an_index_of_indexes_loads_and_runs(ocibox, layout_files, archive_dir):
@@ -357,24 +388,36 @@ def test_an_index_of_indexes_loads_and_runs(ocibox, layout_files, archive_dir):
 def test_an_index_for_another_platform_is_one_line(ocibox, layout_files, archive_dir):
     files = dict(layout_files)
     manifest = json.loads(files["index.json"])["manifests"][0]
-    files["index.json"] = json.dumps({"schemaVersion": 2, "manifests": [
-        _index_over(files, {k: manifest[k] for k in ("mediaType", "digest", "size")}, "s390x")]}).encode()
+    files["index.json"] = json.dumps(
+        {
+            "schemaVersion": 2,
+            "manifests": [
+                _index_over(files, {k: manifest[k] for k in ("mediaType", "digest", "size")}, "s390x")
+            ],
+        }
+    ).encode()
     archive = _write_archive(archive_dir / "s390x.tar", files)
     _one_line(ocibox("load", "-i", str(archive), check=False), "no image for platform", "linux/s390x")
     assert _tagged(ocibox) == []
 
 
-@pytest.mark.parametrize(("manifest", "message"), [
-    ([{"Config": "../../etc/passwd", "RepoTags": ["x:1"], "Layers": []}], "has no ../../etc/passwd"),
-    ([{"Config": "/etc/passwd", "RepoTags": ["x:1"], "Layers": ["/etc/shadow"]}], "has no /etc/passwd"),
-    ([{"Config": 5, "RepoTags": "x", "Layers": 3}], "needs a Config"),
-    (["abc"], "needs a Config"),
-    ([{"Config": "c.json", "RepoTags": ["x:1"], "Layers": []}], "not a JSON object"),
-    ([{"Config": "ok.json", "RepoTags": ["good:1", "BAD TAG"], "Layers": []}], "BAD TAG"),
-])
+@pytest.mark.parametrize(
+    ("manifest", "message"),
+    [
+        ([{"Config": "../../etc/passwd", "RepoTags": ["x:1"], "Layers": []}], "has no ../../etc/passwd"),
+        ([{"Config": "/etc/passwd", "RepoTags": ["x:1"], "Layers": ["/etc/shadow"]}], "has no /etc/passwd"),
+        ([{"Config": 5, "RepoTags": "x", "Layers": 3}], "needs a Config"),
+        (["abc"], "needs a Config"),
+        ([{"Config": "c.json", "RepoTags": ["x:1"], "Layers": []}], "not a JSON object"),
+        ([{"Config": "ok.json", "RepoTags": ["good:1", "BAD TAG"], "Layers": []}], "BAD TAG"),
+    ],
+)
 def test_a_hostile_docker_archive_manifest_is_one_line(ocibox, archive_dir, manifest, message):
-    files = {"manifest.json": json.dumps(manifest).encode(), "c.json": b"[1]",
-             "ok.json": b'{"rootfs": {"type": "layers", "diff_ids": []}}'}
+    files = {
+        "manifest.json": json.dumps(manifest).encode(),
+        "c.json": b"[1]",
+        "ok.json": b'{"rootfs": {"type": "layers", "diff_ids": []}}',
+    }
     archive = _write_archive(archive_dir / "docker.tar", files)
     _one_line(ocibox("load", "-i", str(archive), check=False), message)
     assert _tagged(ocibox) == []
@@ -399,8 +442,10 @@ def test_save_to_a_folder_or_nowhere_is_refused(ocibox, stored, archive_dir):
     before = sorted(archive_dir.iterdir())
     _one_line(ocibox("save", "-o", str(archive_dir), NAME, check=False), "not a folder")
     _one_line(ocibox("save", "-o", "", NAME, check=False, cwd=archive_dir), "not a folder")
-    _one_line(ocibox("save", "-o", str(archive_dir / "no" / "x.tar"), NAME, check=False),
-              f"cannot write {archive_dir / 'no' / 'x.tar'}")
+    _one_line(
+        ocibox("save", "-o", str(archive_dir / "no" / "x.tar"), NAME, check=False),
+        f"cannot write {archive_dir / 'no' / 'x.tar'}",
+    )
     assert sorted(archive_dir.iterdir()) == before
 
 
@@ -438,8 +483,9 @@ def test_inspect_formats_it_knows_print_and_others_are_one_line(ocibox, stored):
 def test_a_binary_env_file_is_one_line(ocibox, stored, archive_dir):
     env_file = archive_dir / "env.bin"
     env_file.write_bytes(b"\x1f\x8b\x08\x00\xff\xfe")
-    _one_line(ocibox("run", "--rm", "--env-file", str(env_file), NAME, "true", check=False),
-              str(env_file), "UTF-8")
+    _one_line(
+        ocibox("run", "--rm", "--env-file", str(env_file), NAME, "true", check=False), str(env_file), "UTF-8"
+    )
 
 
 # --- as an unprivileged user ---------------------------------------------------------------------
@@ -460,8 +506,11 @@ def test_a_user_saving_where_they_may_not_write_is_told_which_file(ocibox_user, 
     ocibox_user("load", "-i", str(_write_archive(archive_dir / "busybox.tar", layout_files)))
     target = archive_dir / "root-only"
     target.mkdir(mode=0o755)
-    _one_line(ocibox_user("save", "-o", str(target / "x.tar"), NAME, check=False),
-              f"cannot write {target / 'x.tar'}", "Permission denied")
+    _one_line(
+        ocibox_user("save", "-o", str(target / "x.tar"), NAME, check=False),
+        f"cannot write {target / 'x.tar'}",
+        "Permission denied",
+    )
 
 
 def test_a_user_whose_layer_blob_they_cannot_read_is_told_which_file(ocibox_user, layout_files, archive_dir):
@@ -475,19 +524,25 @@ def test_a_user_whose_layer_blob_they_cannot_read_is_told_which_file(ocibox_user
 # --- credentials files -----------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(("content", "message"), [
-    ('{"auths": [1]}', "'auths' must be an object"),
-    ('{"auths": {"HOST": {"auth": 5}}}', "malformed 'auth' entry"),
-    ('{"auths": {"HOST": {"auth": "!!not base64"}}}', "malformed 'auth' entry"),
-    ('{"credHelpers": {"HOST": "../../bin/sh"}}', "must name helpers"),
-    ('{"credsStore": 5}', "must name helpers"),
-])
-def test_a_damaged_credentials_file_is_named_in_one_line(ocibox, auth_registry, archive_dir, content, message):
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        ('{"auths": [1]}', "'auths' must be an object"),
+        ('{"auths": {"HOST": {"auth": 5}}}', "malformed 'auth' entry"),
+        ('{"auths": {"HOST": {"auth": "!!not base64"}}}', "malformed 'auth' entry"),
+        ('{"credHelpers": {"HOST": "../../bin/sh"}}', "must name helpers"),
+        ('{"credsStore": 5}', "must name helpers"),
+    ],
+)
+def test_a_damaged_credentials_file_is_named_in_one_line(
+    ocibox, auth_registry, archive_dir, content, message
+):
     auth_file = archive_dir / "auth.json"
     auth_file.write_text(content.replace("HOST", auth_registry.host))
     env = {"REGISTRY_AUTH_FILE": str(auth_file)}
-    _ends_with_one_line(ocibox("pull", auth_registry.seeded["busybox"], env=env, check=False),
-                        str(auth_file), message)
+    _ends_with_one_line(
+        ocibox("pull", auth_registry.seeded["busybox"], env=env, check=False), str(auth_file), message
+    )
     if "entry" in message:  # one bad entry: logout is how the user gets rid of it
         assert ocibox("logout", auth_registry.host, env=env).returncode == 0
         assert json.loads(auth_file.read_text())["auths"] == {}
@@ -505,7 +560,9 @@ def test_a_bundle_whose_config_is_not_a_runtime_config_is_one_line(ocibox, store
     _one_line(ocibox("run", "--rm", str(bundle), "true", check=False), str(bundle / "config.json"))
 
 
-def test_a_volume_over_the_root_or_dev_is_refused_and_the_host_folder_stays_empty(ocibox, stored, archive_dir):
+def test_a_volume_over_the_root_or_dev_is_refused_and_the_host_folder_stays_empty(
+    ocibox, stored, archive_dir
+):
     host = archive_dir / "vol"
     host.mkdir()
     for dest in ("/", "/dev", "/dev/", "//"):
@@ -515,7 +572,13 @@ def test_a_volume_over_the_root_or_dev_is_refused_and_the_host_folder_stays_empt
 
 
 def test_a_run_refused_before_it_starts_leaves_no_container_behind(ocibox, stored):
-    for args in (["-v", "/tmp:/dev"], ["-e", "=x"], ["-u", "nosuchuser"], ["--ulimit", "bogus"], ["-m", "lots"]):
+    for args in (
+        ["-v", "/tmp:/dev"],
+        ["-e", "=x"],
+        ["-u", "nosuchuser"],
+        ["--ulimit", "bogus"],
+        ["-m", "lots"],
+    ):
         _one_line(ocibox("run", *args, NAME, "true", check=False))
     assert list((ocibox.root / "containers").iterdir()) == []
     ocibox("run", NAME, "true")  # one that ran is kept, as docker keeps it
@@ -535,7 +598,9 @@ def test_a_store_root_that_is_a_file_is_one_line(ocibox, archive_dir):
     not_a_folder = archive_dir / "store-file"
     not_a_folder.write_text("x")
     for args in (["images"], ["inspect", NAME], ["prune"]):
-        _one_line(ocibox(*args, env={"OCIBOX_ROOT": str(not_a_folder)}, check=False), "cannot create the store")
+        _one_line(
+            ocibox(*args, env={"OCIBOX_ROOT": str(not_a_folder)}, check=False), "cannot create the store"
+        )
     assert not_a_folder.read_text() == "x"
 
 

@@ -37,8 +37,9 @@ def damaged_crc(blob: bytes) -> bytes:
     return blob[:-8] + bytes([blob[-8] ^ 1]) + blob[-7:]
 
 
-@pytest.mark.parametrize("blob", [ONE, gzip.compress(RAW[:1000]) + gzip.compress(RAW[1000:])],
-                         ids=["one-member", "two-members"])
+@pytest.mark.parametrize(
+    "blob", [ONE, gzip.compress(RAW[:1000]) + gzip.compress(RAW[1000:])], ids=["one-member", "two-members"]
+)
 def test_good_gzip_layer_files_unpack(tmp_path: Path, blob: bytes) -> None:
     layer = tmp_path / "layer"
     layer.write_bytes(blob)
@@ -47,10 +48,19 @@ def test_good_gzip_layer_files_unpack(tmp_path: Path, blob: bytes) -> None:
     assert (tmp_path / "root/usr/lib/big").stat().st_size == 300_000
 
 
-@pytest.mark.parametrize("blob", [
-    ONE[:-4], ONE[:len(ONE) // 2], damaged_crc(ONE), ONE + b"junk", ONE + b"\x00" * 8,
-    gzip.compress(b""), b"",
-], ids=["no-size", "half", "bad-crc", "junk-after", "zeros-after", "empty-member", "empty"])
+@pytest.mark.parametrize(
+    "blob",
+    [
+        ONE[:-4],
+        ONE[: len(ONE) // 2],
+        damaged_crc(ONE),
+        ONE + b"junk",
+        ONE + b"\x00" * 8,
+        gzip.compress(b""),
+        b"",
+    ],
+    ids=["no-size", "half", "bad-crc", "junk-after", "zeros-after", "empty-member", "empty"],
+)
 def test_bad_gzip_layer_files_are_refused(tmp_path: Path, blob: bytes) -> None:
     layer = tmp_path / "layer"
     layer.write_bytes(blob)

@@ -320,8 +320,15 @@ def test_an_index_copied_into_the_store_with_skopeo_all_is_pushed_whole(ocibox, 
     image = images["multiarch"]
     name = registry.ref(unique("skopeo-all"), "1")
     subprocess.run(
-        ["skopeo", "copy", "-q", "--all", "--src-tls-verify=false", f"docker://{image.ref}",
-         f"oci:{ocibox.root}:{name}"],
+        [
+            "skopeo",
+            "copy",
+            "-q",
+            "--all",
+            "--src-tls-verify=false",
+            f"docker://{image.ref}",
+            f"oci:{ocibox.root}:{name}",
+        ],
         check=True,
     )
     dest = registry.ref(unique("from-skopeo"), "1")
@@ -389,7 +396,9 @@ def test_push_to_a_token_registry_asks_for_push_scope_and_mounts(ocibox, token_r
 
 
 def test_push_over_tls_is_verified_unless_the_registry_is_named_insecure(
-    ocibox, images, proxied_tls_registry  # noqa: F811 - the fixture imported above
+    ocibox,
+    images,
+    proxied_tls_registry,  # noqa: F811 - the fixture imported above
 ):
     name, ca, _, env = proxied_tls_registry
     ocibox("pull", "-q", images["busybox"].ref)

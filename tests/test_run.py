@@ -59,8 +59,24 @@ def test_environment_workdir_hostname_and_user(ocibox, busybox, user, tmp_path, 
     env_file.write_text("# comment\nFROM_FILE=1\nPASSED_THROUGH\n")
     env_file.chmod(0o644)
     out = _run(
-        ocibox, user, "-e", "A=1", "-e", "PASSED_THROUGH", "-e", "UNSET_HERE", "--env-file", str(env_file),
-        "-w", "/tmp/work", "-h", "box", busybox, "sh", "-c", "env; pwd; hostname",
+        ocibox,
+        user,
+        "-e",
+        "A=1",
+        "-e",
+        "PASSED_THROUGH",
+        "-e",
+        "UNSET_HERE",
+        "--env-file",
+        str(env_file),
+        "-w",
+        "/tmp/work",
+        "-h",
+        "box",
+        busybox,
+        "sh",
+        "-c",
+        "env; pwd; hostname",
         env={"PASSED_THROUGH": "yes", "UNSET_HERE": None},
     ).stdout.splitlines()
     assert "A=1" in out and "FROM_FILE=1" in out and "PASSED_THROUGH=yes" in out
@@ -83,8 +99,18 @@ def test_volumes_and_tmpfs(ocibox, busybox, user, test_workdir):
     os.chmod(host, 0o777)
     os.chmod(host / "in.txt", 0o666)
     done = _run(
-        ocibox, user, "-v", f"{host}:/data", "-v", f"{host}:/ro:ro", "--tmpfs", "/scratch", busybox,
-        "sh", "-c", "cat /data/in.txt; echo new > /data/out.txt; echo x > /ro/y 2>/dev/null || echo ro refused;"
+        ocibox,
+        user,
+        "-v",
+        f"{host}:/data",
+        "-v",
+        f"{host}:/ro:ro",
+        "--tmpfs",
+        "/scratch",
+        busybox,
+        "sh",
+        "-c",
+        "cat /data/in.txt; echo new > /data/out.txt; echo x > /ro/y 2>/dev/null || echo ro refused;"
         " mount | grep ' /scratch ' | cut -d' ' -f5",
     )
     assert done.stdout.splitlines() == ["from the host", "ro refused", "tmpfs"]
@@ -118,13 +144,25 @@ def test_image_file_owners_show_inside(ocibox, busybox, user):
 
 
 def test_limits_as_root(ocibox, busybox):
-    assert _run(ocibox, None, "--ulimit", "nofile=1234:2345", busybox, "sh", "-c", "ulimit -n").stdout == "1234\n"
+    assert (
+        _run(ocibox, None, "--ulimit", "nofile=1234:2345", busybox, "sh", "-c", "ulimit -n").stdout
+        == "1234\n"
+    )
     killed = _run(
-        ocibox, None, "--memory", "32m", busybox, "sh", "-c",
-        'x=$(head -c 67108864 /dev/zero | tr "\\0" a); echo survived ${#x}', check=False,
+        ocibox,
+        None,
+        "--memory",
+        "32m",
+        busybox,
+        "sh",
+        "-c",
+        'x=$(head -c 67108864 /dev/zero | tr "\\0" a); echo survived ${#x}',
+        check=False,
     )
     assert killed.returncode == 137 and "survived" not in killed.stdout
-    unlimited = _run(ocibox, None, busybox, "sh", "-c", 'x=$(head -c 67108864 /dev/zero | tr "\\0" a); echo ${#x}')
+    unlimited = _run(
+        ocibox, None, busybox, "sh", "-c", 'x=$(head -c 67108864 /dev/zero | tr "\\0" a); echo ${#x}'
+    )
     assert unlimited.stdout == "67108864\n"
     forks = "for i in $(seq 40); do sleep 2 & done; wait; echo done"
     limited = _run(ocibox, None, "--pids-limit", "20", busybox, "sh", "-c", forks, check=False)
@@ -226,7 +264,9 @@ def test_killing_ocibox_stops_the_container_and_leaves_nothing(ocibox, busybox):
     ocibox("pull", "-q", busybox)
     proc = subprocess.Popen(
         [*ocibox.context(None).command, "run", "--rm", busybox, "sleep", "1000"],
-        env=ocibox.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        env=ocibox.env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
     )
     time.sleep(1.5)
     proc.terminate()

@@ -28,7 +28,10 @@ def test_a_blob_is_visible_only_once_its_digest_is_verified(tmp_path):
     store = Store(tmp_path / "s")
     data = b"hello layers" * 1000
     digest = _digest(data)
-    with pytest.raises(IntegrityError, match="does not match its digest"), store.blob_writer(digest, len(data)) as w:
+    with (
+        pytest.raises(IntegrityError, match="does not match its digest"),
+        store.blob_writer(digest, len(data)) as w,
+    ):
         w.write(data[:-1] + b"X")
     assert not store.has_blob(digest)
     assert list(store.tmp_dir.iterdir()) == [], "the temp file is removed"
@@ -85,15 +88,28 @@ def test_two_processes_writing_the_same_blob_both_succeed_and_store_it_once(tmp_
 def _image(store: Store, layer: bytes, config: dict | None = None) -> Descriptor:
     layer_digest = store.write_blob(layer)
     config_raw = json.dumps(
-        config or {"architecture": "amd64", "os": "linux", "rootfs": {"type": "layers", "diff_ids": [layer_digest]}}
+        config
+        or {"architecture": "amd64", "os": "linux", "rootfs": {"type": "layers", "diff_ids": [layer_digest]}}
     ).encode()
     config_digest = store.write_blob(config_raw)
-    manifest = json.dumps({
-        "schemaVersion": 2,
-        "mediaType": OCI_MANIFEST,
-        "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": config_digest, "size": len(config_raw)},
-        "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar", "digest": layer_digest, "size": len(layer)}],
-    }).encode()
+    manifest = json.dumps(
+        {
+            "schemaVersion": 2,
+            "mediaType": OCI_MANIFEST,
+            "config": {
+                "mediaType": "application/vnd.oci.image.config.v1+json",
+                "digest": config_digest,
+                "size": len(config_raw),
+            },
+            "layers": [
+                {
+                    "mediaType": "application/vnd.oci.image.layer.v1.tar",
+                    "digest": layer_digest,
+                    "size": len(layer),
+                }
+            ],
+        }
+    ).encode()
     return Descriptor(OCI_MANIFEST, store.write_blob(manifest), len(manifest))
 
 

@@ -39,8 +39,13 @@ def test_unpack_writes_a_bundle_that_runc_runs(ocibox, images, tmp_path: Path) -
     def runc_run() -> subprocess.CompletedProcess:
         cid = "ocibox-test-" + uuid.uuid4().hex[:8]
         try:
-            return subprocess.run(["runc", "--root", str(state), "run", "--bundle", str(bundle), cid],
-                                  stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=60)
+            return subprocess.run(
+                ["runc", "--root", str(state), "run", "--bundle", str(bundle), cid],
+                stdin=subprocess.DEVNULL,
+                capture_output=True,
+                text=True,
+                timeout=60,
+            )
         finally:
             subprocess.run(["runc", "--root", str(state), "delete", "-f", cid], capture_output=True)
 
@@ -58,8 +63,18 @@ def test_unpack_as_a_user_is_rootless(ocibox_user, images, tmp_path: Path) -> No
     work = ocibox_user.home / "bundles"
     ocibox_user("pull", "-q", ref)
     ocibox_user("unpack", ref, str(work / "b"))
-    proc = subprocess.run(["setpriv", "--reuid=ocibox-test", "--regid=ocibox-test", "--clear-groups", "cat",
-                           str(work / "b" / "config.json")], capture_output=True, text=True)
+    proc = subprocess.run(
+        [
+            "setpriv",
+            "--reuid=ocibox-test",
+            "--regid=ocibox-test",
+            "--clear-groups",
+            "cat",
+            str(work / "b" / "config.json"),
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert proc.returncode == 0, proc.stderr
     config = json.loads(proc.stdout)
     validate(config, "runtime-config")
@@ -92,11 +107,17 @@ def test_the_rootfs_cache_is_built_once(ocibox, images) -> None:
     ocibox("pull", "-q", ref)
     store = Store(ocibox.root)
     image = store.load_image(ref)
-    code = ("import sys; from ocibox.store import Store; from ocibox.unpack import ensure_rootfs;"
-            "s = Store(sys.argv[1]); print(ensure_rootfs(s, s.load_image(sys.argv[2])))")
+    code = (
+        "import sys; from ocibox.store import Store; from ocibox.unpack import ensure_rootfs;"
+        "s = Store(sys.argv[1]); print(ensure_rootfs(s, s.load_image(sys.argv[2])))"
+    )
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src")}
-    procs = [subprocess.Popen([sys.executable, "-c", code, str(ocibox.root), ref], env=env,
-                              stdout=subprocess.PIPE, text=True) for _ in range(3)]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", code, str(ocibox.root), ref], env=env, stdout=subprocess.PIPE, text=True
+        )
+        for _ in range(3)
+    ]
     outs = {p.communicate(timeout=120)[0].strip() for p in procs}
     assert outs == {str(rootfs_path(store, image))}
     assert all(p.returncode == 0 for p in procs)
@@ -136,10 +157,24 @@ def test_debian_images_unpack_like_umoci(ocibox, images, tmp_path: Path, name: s
         pytest.skip("umoci and skopeo are needed")
     image = images[name]
     layout = tmp_path / "layout"
-    subprocess.run(["skopeo", "copy", "--quiet", "--insecure-policy", "--src-tls-verify=false",
-                    f"docker://{image.ref}", f"oci:{layout}:test"], check=True, capture_output=True)
-    subprocess.run(["umoci", "unpack", "--rootless", "--image", f"{layout}:test", str(tmp_path / "umoci")],
-                   check=True, capture_output=True)
+    subprocess.run(
+        [
+            "skopeo",
+            "copy",
+            "--quiet",
+            "--insecure-policy",
+            "--src-tls-verify=false",
+            f"docker://{image.ref}",
+            f"oci:{layout}:test",
+        ],
+        check=True,
+        capture_output=True,
+    )
+    subprocess.run(
+        ["umoci", "unpack", "--rootless", "--image", f"{layout}:test", str(tmp_path / "umoci")],
+        check=True,
+        capture_output=True,
+    )
     ocibox("unpack", image.ref, str(tmp_path / "ours"))
     theirs, ours = tree(tmp_path / "umoci" / "rootfs"), tree(tmp_path / "ours" / "rootfs")
     # umoci --rootless turns device nodes into empty mode-0 files; ocibox as root makes them
@@ -164,10 +199,24 @@ def test_debian_as_a_user_unpacks_like_umoci(ocibox_user, images, tmp_path: Path
         pytest.skip("umoci and skopeo are needed")
     image = images["debian"]
     layout = tmp_path / "layout"
-    subprocess.run(["skopeo", "copy", "--quiet", "--insecure-policy", "--src-tls-verify=false",
-                    f"docker://{image.ref}", f"oci:{layout}:test"], check=True, capture_output=True)
-    subprocess.run(["umoci", "unpack", "--rootless", "--image", f"{layout}:test", str(tmp_path / "umoci")],
-                   check=True, capture_output=True)
+    subprocess.run(
+        [
+            "skopeo",
+            "copy",
+            "--quiet",
+            "--insecure-policy",
+            "--src-tls-verify=false",
+            f"docker://{image.ref}",
+            f"oci:{layout}:test",
+        ],
+        check=True,
+        capture_output=True,
+    )
+    subprocess.run(
+        ["umoci", "unpack", "--rootless", "--image", f"{layout}:test", str(tmp_path / "umoci")],
+        check=True,
+        capture_output=True,
+    )
     bundle = ocibox_user.home / "debian"
     result = ocibox_user("unpack", image.ref, str(bundle))
     assert "device nodes can't be made as a user" in result.stderr or "warning" not in result.stderr
@@ -183,8 +232,9 @@ def test_debian_as_a_user_unpacks_like_umoci(ocibox_user, images, tmp_path: Path
         p = bundle / "rootfs" / rec["path"].lstrip("/")
         if rec["type"] in ("file", "dir"):
             got = os.getxattr(p, "user.rootlesscontainers")
-            assert got == os.getxattr(tmp_path / "umoci" / "rootfs" / rec["path"].lstrip("/"),
-                                      "user.rootlesscontainers"), rec
+            assert got == os.getxattr(
+                tmp_path / "umoci" / "rootfs" / rec["path"].lstrip("/"), "user.rootlesscontainers"
+            ), rec
 
 
 @pytest.mark.slow
@@ -195,22 +245,55 @@ def test_an_image_pushed_by_podman_unpacks_like_umoci(ocibox, images, registry, 
         pytest.skip("podman and umoci are needed")
     image = images["debian"]
     layout = tmp_path / "layout"
-    subprocess.run(["skopeo", "copy", "--quiet", "--insecure-policy", "--src-tls-verify=false",
-                    f"docker://{image.ref}", f"oci:{layout}:test"], check=True, capture_output=True)
+    subprocess.run(
+        [
+            "skopeo",
+            "copy",
+            "--quiet",
+            "--insecure-policy",
+            "--src-tls-verify=false",
+            f"docker://{image.ref}",
+            f"oci:{layout}:test",
+        ],
+        check=True,
+        capture_output=True,
+    )
     runroot = Path(tempfile.mkdtemp(prefix="ocibox-podman-"))  # podman wants it under 50 characters
-    podman = ["podman", "--root", str(tmp_path / "podman"), "--runroot", str(runroot), "--storage-driver", "vfs"]
+    podman = [
+        "podman",
+        "--root",
+        str(tmp_path / "podman"),
+        "--runroot",
+        str(runroot),
+        "--storage-driver",
+        "vfs",
+    ]
     try:
         pulled = subprocess.run(podman + ["pull", "-q", f"oci:{layout}:test"], capture_output=True, text=True)
         assert pulled.returncode == 0, pulled.stderr
         pushed = registry.ref("podman/debian")
-        push = subprocess.run(podman + ["push", "-q", "--tls-verify=false", "--remove-signatures",
-                                        pulled.stdout.strip(), f"docker://{pushed}"], capture_output=True, text=True)
+        push = subprocess.run(
+            podman
+            + [
+                "push",
+                "-q",
+                "--tls-verify=false",
+                "--remove-signatures",
+                pulled.stdout.strip(),
+                f"docker://{pushed}",
+            ],
+            capture_output=True,
+            text=True,
+        )
         assert push.returncode == 0, push.stderr
     finally:
         subprocess.run(podman + ["rmi", "-a", "-f"], capture_output=True)
         shutil.rmtree(runroot, ignore_errors=True)
-    subprocess.run(["umoci", "unpack", "--rootless", "--image", f"{layout}:test", str(tmp_path / "umoci")],
-                   check=True, capture_output=True)
+    subprocess.run(
+        ["umoci", "unpack", "--rootless", "--image", f"{layout}:test", str(tmp_path / "umoci")],
+        check=True,
+        capture_output=True,
+    )
     ocibox("unpack", pushed, str(tmp_path / "ours"))
     theirs, ours = tree(tmp_path / "umoci" / "rootfs"), tree(tmp_path / "ours" / "rootfs")
     devices = {p for p, t in ours.items() if t[0] == "dev"}
@@ -277,8 +360,16 @@ def test_owners_beyond_the_users_ranges_go_to_the_meta_file(as_user, ocibox_user
     work = ocibox_user.home / "unpack"
     work.mkdir()
     shutil.chown(work, "ocibox-test", "ocibox-test")
-    result = as_user(["/usr/bin/python3", "-c", OUT_OF_RANGE_SCRIPT, str(tests)], env=ocibox_user.env, cwd=work)
+    result = as_user(
+        ["/usr/bin/python3", "-c", OUT_OF_RANGE_SCRIPT, str(tests)], env=ocibox_user.env, cwd=work
+    )
     first, *meta = result.stdout.splitlines()
     assert json.loads(first) == [1000, 0, 0]  # 100000 is not mapped in the namespace: left root:root
-    assert json.loads(meta[0]) == {"path": "/data/far", "type": "file", "uid": 100000, "gid": 5, "mode": 0o644}
+    assert json.loads(meta[0]) == {
+        "path": "/data/far",
+        "type": "file",
+        "uid": 100000,
+        "gid": 5,
+        "mode": 0o644,
+    }
     assert "outside this user's id ranges" in result.stderr

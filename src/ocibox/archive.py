@@ -161,8 +161,10 @@ def _add_blob(tar: tarfile.TarFile, name: str, store: BlobSource, digest: str) -
         reader = _HashingReader(f)
         tar.addfile(info, reader)  # type: ignore[arg-type]
     if "sha256:" + reader.hash.hexdigest() != digest:
-        raise IntegrityError(f"blob {digest} in the store is damaged (its content does not match its "
-                             "digest): remove the image and pull or load it again")
+        raise IntegrityError(
+            f"blob {digest} in the store is damaged (its content does not match its "
+            "digest): remove the image and pull or load it again"
+        )
 
 
 def _save_oci(store: BlobSource, images: list[Image], tar: tarfile.TarFile) -> None:
@@ -290,8 +292,15 @@ def load(store: Store, path: str) -> list[str]:
             for name, descriptor in loaded:
                 store.tag(name, descriptor)
             return [name for name, _ in loaded]
-    except (tarfile.TarError, EOFError, zlib.error, json.JSONDecodeError, KeyError, TypeError,
-            ValueError) as exc:
+    except (
+        tarfile.TarError,
+        EOFError,
+        zlib.error,
+        json.JSONDecodeError,
+        KeyError,
+        TypeError,
+        ValueError,
+    ) as exc:
         raise IntegrityError(f"{path}: damaged archive: {exc}") from None
     except IntegrityError as exc:
         if str(exc).startswith(f"{path}:") or str(exc).startswith(f"{path} "):
@@ -367,10 +376,16 @@ def _load_docker(store: Store, archive: _Archive) -> list[tuple[str, Descriptor]
         raise IntegrityError(f"{archive.path}: manifest.json lists no image")
     names = []
     for entry in entries:
-        if not (isinstance(entry, dict) and isinstance(entry.get("Config"), str)
-                and _is_str_list(entry.get("Layers")) and _is_str_list(entry.get("RepoTags") or [])):
-            raise IntegrityError(f"{archive.path}: manifest.json: each image needs a Config file name "
-                                 "and lists of Layers and RepoTags")
+        if not (
+            isinstance(entry, dict)
+            and isinstance(entry.get("Config"), str)
+            and _is_str_list(entry.get("Layers"))
+            and _is_str_list(entry.get("RepoTags") or [])
+        ):
+            raise IntegrityError(
+                f"{archive.path}: manifest.json: each image needs a Config file name "
+                "and lists of Layers and RepoTags"
+            )
         config_raw = archive.read(entry["Config"])
         _check_config(config_raw)
         tags = [str(reference.parse(tag)) for tag in entry.get("RepoTags") or []]

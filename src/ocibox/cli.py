@@ -58,8 +58,14 @@ def _ago(created: str) -> str:
     if when.tzinfo is None:
         when = when.replace(tzinfo=UTC)
     seconds = (datetime.now(UTC) - when).total_seconds()
-    for size, unit in ((86400 * 365, "year"), (86400 * 30, "month"), (86400 * 7, "week"),
-                       (86400, "day"), (3600, "hour"), (60, "minute")):
+    for size, unit in (
+        (86400 * 365, "year"),
+        (86400 * 30, "month"),
+        (86400 * 7, "week"),
+        (86400, "day"),
+        (3600, "hour"),
+        (60, "minute"),
+    ):
         if seconds >= size:
             count = int(seconds // size)
             return f"{count} {unit}{'s' if count > 1 else ''} ago"
@@ -75,16 +81,18 @@ def cmd_images(args: argparse.Namespace) -> int:
     for tagged in store.tagged():
         image = store.load_image(tagged.name)
         ref = reference.parse(tagged.name)
-        rows.append({
-            "Repository": ref.familiar.rsplit(":", 1)[0] if ref.tag else ref.familiar.split("@")[0],
-            "Tag": ref.tag or "<none>",
-            "Reference": tagged.name,
-            "ID": digest_hex(image.id)[:12],
-            "Digest": image.manifest_digest,
-            "Size": image.size,
-            "Created": image.config.created,
-            "Platform": str(image.config.platform),
-        })
+        rows.append(
+            {
+                "Repository": ref.familiar.rsplit(":", 1)[0] if ref.tag else ref.familiar.split("@")[0],
+                "Tag": ref.tag or "<none>",
+                "Reference": tagged.name,
+                "ID": digest_hex(image.id)[:12],
+                "Digest": image.manifest_digest,
+                "Size": image.size,
+                "Created": image.config.created,
+                "Platform": str(image.config.platform),
+            }
+        )
     if args.format == "json":
         _out(json.dumps(rows, indent=2))
         return 0
@@ -110,22 +118,24 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     docs = []
     for ref in args.image:
         image = store.load_image(ref)
-        docs.append({
-            "Id": image.id,
-            "RepoTags": [image.name],
-            "RepoDigests": [f"{reference.parse(image.name).name}@{image.manifest_digest}"],
-            "Created": image.config.created,
-            "Architecture": image.config.platform.architecture,
-            "Os": image.config.platform.os,
-            "Variant": image.config.platform.variant or "",
-            "Size": image.size,
-            "ChainId": image.chain_id,
-            "ManifestDigest": image.manifest_digest,
-            "Manifest": _json.loads(image.manifest.raw),
-            "Config": image.config.raw,
-            "RootFS": {"Type": "layers", "Layers": image.config.diff_ids},
-            "Rootfs": str(store.rootfs_dir / digest_hex(image.chain_id)),
-        })
+        docs.append(
+            {
+                "Id": image.id,
+                "RepoTags": [image.name],
+                "RepoDigests": [f"{reference.parse(image.name).name}@{image.manifest_digest}"],
+                "Created": image.config.created,
+                "Architecture": image.config.platform.architecture,
+                "Os": image.config.platform.os,
+                "Variant": image.config.platform.variant or "",
+                "Size": image.size,
+                "ChainId": image.chain_id,
+                "ManifestDigest": image.manifest_digest,
+                "Manifest": _json.loads(image.manifest.raw),
+                "Config": image.config.raw,
+                "RootFS": {"Type": "layers", "Layers": image.config.diff_ids},
+                "Rootfs": str(store.rootfs_dir / digest_hex(image.chain_id)),
+            }
+        )
     if args.format:
         for doc in docs:
             _out(_format_template(args.format, doc))
@@ -151,8 +161,9 @@ def _format_template(template: str, doc: dict) -> str:
         as_json = expr.startswith("json ")
         path = expr[5:].strip() if as_json else expr
         if not re.fullmatch(r"\.|(\.[A-Za-z0-9_-]+)+", path):
-            raise OciboxError(f"invalid --format {template!r}: ocibox knows {{{{.Field.Sub}}}} and "
-                              "{{json .Field}}")
+            raise OciboxError(
+                f"invalid --format {template!r}: ocibox knows {{{{.Field.Sub}}}} and {{{{json .Field}}}}"
+            )
         v = value(path)
         if as_json or isinstance(v, dict | list):
             return json.dumps(v)
@@ -361,10 +372,23 @@ def cmd_build(args: argparse.Namespace) -> int:
     from ocibox.build import BuildOptions, build
 
     options = BuildOptions(
-        program=args.from_binary, tag=args.tag, output=args.output, format=args.format, base=args.base,
-        os=args.os, arch=args.arch, entrypoint=args.entrypoint, cmd=args.cmd, env=args.env,
-        workdir=args.workdir, user=args.user, labels=args.label, expose=args.expose, add=args.add,
-        add_certs=args.add_certs, add_passwd=args.add_passwd,
+        program=args.from_binary,
+        tag=args.tag,
+        output=args.output,
+        format=args.format,
+        base=args.base,
+        os=args.os,
+        arch=args.arch,
+        entrypoint=args.entrypoint,
+        cmd=args.cmd,
+        env=args.env,
+        workdir=args.workdir,
+        user=args.user,
+        labels=args.label,
+        expose=args.expose,
+        add=args.add,
+        add_certs=args.add_certs,
+        add_passwd=args.add_passwd,
         source_date_epoch=os.environ.get("SOURCE_DATE_EPOCH"),
     )
     if args.push and not args.tag:
@@ -403,31 +427,33 @@ def cmd_tag(args: argparse.Namespace) -> int:
 def cmd_run(args: argparse.Namespace) -> int:
     from ocibox.run import RunRequest, run
 
-    return run(RunRequest(
-        image=args.image,
-        command=list(args.command_args or []),
-        rm=args.rm,
-        env=args.env or [],
-        env_files=args.env_file or [],
-        volumes=args.volume or [],
-        tmpfs=args.tmpfs or [],
-        workdir=args.workdir,
-        user=args.user,
-        entrypoint=args.entrypoint,
-        hostname=args.hostname,
-        interactive=args.interactive,
-        tty=args.tty,
-        network=args.network,
-        read_only=args.read_only,
-        memory=args.memory,
-        cpus=args.cpus,
-        pids_limit=args.pids_limit,
-        ulimits=args.ulimit or [],
-        name=args.name,
-        platform=args.platform,
-        pull=args.pull,
-        quiet=args.quiet,
-    ))
+    return run(
+        RunRequest(
+            image=args.image,
+            command=list(args.command_args or []),
+            rm=args.rm,
+            env=args.env or [],
+            env_files=args.env_file or [],
+            volumes=args.volume or [],
+            tmpfs=args.tmpfs or [],
+            workdir=args.workdir,
+            user=args.user,
+            entrypoint=args.entrypoint,
+            hostname=args.hostname,
+            interactive=args.interactive,
+            tty=args.tty,
+            network=args.network,
+            read_only=args.read_only,
+            memory=args.memory,
+            cpus=args.cpus,
+            pids_limit=args.pids_limit,
+            ulimits=args.ulimit or [],
+            name=args.name,
+            platform=args.platform,
+            pull=args.pull,
+            quiet=args.quiet,
+        )
+    )
 
 
 # --- parser ------------------------------------------------------------------------------------
@@ -469,8 +495,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_load)
 
     # Commands of other stages register below this line.
-    p = sub.add_parser("run", help="run a command in a new container", add_help=False,
-                       usage="ocibox run [OPTIONS] IMAGE|BUNDLE-DIR [COMMAND [ARG...]]")
+    p = sub.add_parser(
+        "run",
+        help="run a command in a new container",
+        add_help=False,
+        usage="ocibox run [OPTIONS] IMAGE|BUNDLE-DIR [COMMAND [ARG...]]",
+    )
     p.add_argument("--help", action="help", help="show this help message and exit")
     p.add_argument("--rm", action="store_true", help="remove the container when it exits")
     p.add_argument("-e", "--env", action="append", metavar="K[=V]", help="set an environment variable")
@@ -483,8 +513,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-h", "--hostname", metavar="NAME", help="container host name")
     p.add_argument("-i", "--interactive", action="store_true", help="keep stdin open")
     p.add_argument("-t", "--tty", action="store_true", help="allocate a pseudo-terminal")
-    p.add_argument("--network", "--net", choices=["host", "none"], default="host",
-                   help="host (default: like a native program) or none (loopback only)")
+    p.add_argument(
+        "--network",
+        "--net",
+        choices=["host", "none"],
+        default="host",
+        help="host (default: like a native program) or none (loopback only)",
+    )
     p.add_argument("--read-only", action="store_true", help="mount the root filesystem read-only")
     p.add_argument("-m", "--memory", metavar="SIZE", help="memory limit, e.g. 512m")
     p.add_argument("--cpus", metavar="N", help="number of CPUs, e.g. 1.5")
@@ -501,8 +536,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("build", help="build an image from a binary, FROM scratch or onto a base image")
     p.add_argument("--from-binary", required=True, metavar="PROG", help="the program: it becomes /PROG")
     p.add_argument("-t", "--tag", metavar="REF", help="put the image in the store under this name")
-    p.add_argument("-o", "--output", metavar="FILE",
-                   help="write an archive (default without --tag: PROG.tar, as zeroimage)")
+    p.add_argument(
+        "-o",
+        "--output",
+        metavar="FILE",
+        help="write an archive (default without --tag: PROG.tar, as zeroimage)",
+    )
     p.add_argument("--format", choices=["oci-archive", "docker-archive"], default="oci-archive")
     p.add_argument("--base", metavar="IMAGE", help="append one layer to this image (default: scratch)")
     p.add_argument("--os", default="linux")
@@ -514,8 +553,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-u", "--user", metavar="USER[:GROUP]")
     p.add_argument("-l", "--label", action="append", default=[], metavar="K=V")
     p.add_argument("--expose", action="append", default=[], metavar="PORT[/PROTO]")
-    p.add_argument("--add", action="append", default=[], metavar="SRC:DEST",
-                   help="copy a file or folder into the layer (repeatable)")
+    p.add_argument(
+        "--add",
+        action="append",
+        default=[],
+        metavar="SRC:DEST",
+        help="copy a file or folder into the layer (repeatable)",
+    )
     p.add_argument("--add-certs", action="store_true", help="add the host's CA bundle")
     p.add_argument("--add-passwd", action="store_true", help="add /etc/passwd and /etc/group (root, nobody)")
     p.add_argument("--push", action="store_true", help="then push the image to its --tag")
@@ -540,8 +584,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("destination", nargs="?", metavar="DEST", help="where it goes (default: REF itself)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress, only the pushed reference")
     p.add_argument("--insecure", action="store_true", help="allow plain HTTP and unverified TLS")
-    p.add_argument("--chunk-size", type=_size_arg, metavar="SIZE",
-                   help="upload blobs bigger than this in chunks of this size (default: 8M)")
+    p.add_argument(
+        "--chunk-size",
+        type=_size_arg,
+        metavar="SIZE",
+        help="upload blobs bigger than this in chunks of this size (default: 8M)",
+    )
     p.set_defaults(func=cmd_push)
 
     p = sub.add_parser("unpack", help="write an OCI runtime bundle (DIR/rootfs, DIR/config.json) of an image")
@@ -568,13 +616,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--volume", action="append", metavar="HOST:CTR[:ro]", help="bake in a bind mount")
     p.add_argument("--entrypoint", metavar="CMD", help="replace the entrypoint (JSON array or words)")
     p.add_argument("--cmd", metavar="ARGS", help="replace the default arguments (JSON array or words)")
-    p.add_argument("--bind-cwd", action="store_true",
-                   help="mount the caller's working directory at the same path and start there")
+    p.add_argument(
+        "--bind-cwd",
+        action="store_true",
+        help="mount the caller's working directory at the same path and start there",
+    )
     p.add_argument("--level", type=int, metavar="N", help="zstd level of the payload (default 10)")
-    p.add_argument("--block-size", type=_size_arg, metavar="SIZE",
-                   help="squashfs block size, a power of two from 4k to 1m (default 256k)")
-    p.add_argument("--arch", choices=["amd64", "arm64"],
-                   help="the architecture to compile for (default: this machine's)")
+    p.add_argument(
+        "--block-size",
+        type=_size_arg,
+        metavar="SIZE",
+        help="squashfs block size, a power of two from 4k to 1m (default 256k)",
+    )
+    p.add_argument(
+        "--arch", choices=["amd64", "arm64"], help="the architecture to compile for (default: this machine's)"
+    )
     p.set_defaults(func=cmd_compile)
     return parser
 
@@ -582,13 +638,24 @@ def build_parser() -> argparse.ArgumentParser:
 def cmd_compile(args: argparse.Namespace) -> int:
     from ocibox.compile import DEFAULT_BLOCK_SIZE, DEFAULT_LEVEL, CompileOptions, compile_image
 
-    result = compile_image(CompileOptions(
-        image=args.image, output=args.output, env=args.env or [], volumes=args.volume or [],
-        entrypoint=args.entrypoint, cmd=args.cmd, bind_cwd=args.bind_cwd,
-        level=args.level or DEFAULT_LEVEL, block_size=args.block_size or DEFAULT_BLOCK_SIZE, arch=args.arch,
-    ))
-    _out(f"{result.output}: {result.image}, {_human_size(result.size)} "
-         f"(payload sha256:{result.payload_sha256})")
+    result = compile_image(
+        CompileOptions(
+            image=args.image,
+            output=args.output,
+            env=args.env or [],
+            volumes=args.volume or [],
+            entrypoint=args.entrypoint,
+            cmd=args.cmd,
+            bind_cwd=args.bind_cwd,
+            level=args.level or DEFAULT_LEVEL,
+            block_size=args.block_size or DEFAULT_BLOCK_SIZE,
+            arch=args.arch,
+        )
+    )
+    _out(
+        f"{result.output}: {result.image}, {_human_size(result.size)} "
+        f"(payload sha256:{result.payload_sha256})"
+    )
     return 0
 
 
@@ -596,15 +663,39 @@ def cmd_compile(args: argparse.Namespace) -> int:
 # cost more than the rest of the start. Anything this doesn't know (--help, an unknown or
 # malformed flag) goes to the argparse parser, which reports it as for every command.
 _RUN_FLAGS = {
-    "--rm": "rm", "-i": "interactive", "--interactive": "interactive", "-t": "tty", "--tty": "tty",
-    "--read-only": "read_only", "-q": "quiet", "--quiet": "quiet",
+    "--rm": "rm",
+    "-i": "interactive",
+    "--interactive": "interactive",
+    "-t": "tty",
+    "--tty": "tty",
+    "--read-only": "read_only",
+    "-q": "quiet",
+    "--quiet": "quiet",
 }
 _RUN_OPTIONS = {
-    "-e": "env", "--env": "env", "--env-file": "env_file", "-v": "volume", "--volume": "volume",
-    "--tmpfs": "tmpfs", "-w": "workdir", "--workdir": "workdir", "-u": "user", "--user": "user",
-    "--entrypoint": "entrypoint", "-h": "hostname", "--hostname": "hostname", "--network": "network",
-    "--net": "network", "-m": "memory", "--memory": "memory", "--cpus": "cpus", "--pids-limit": "pids_limit",
-    "--ulimit": "ulimit", "--name": "name", "--platform": "platform", "--pull": "pull",
+    "-e": "env",
+    "--env": "env",
+    "--env-file": "env_file",
+    "-v": "volume",
+    "--volume": "volume",
+    "--tmpfs": "tmpfs",
+    "-w": "workdir",
+    "--workdir": "workdir",
+    "-u": "user",
+    "--user": "user",
+    "--entrypoint": "entrypoint",
+    "-h": "hostname",
+    "--hostname": "hostname",
+    "--network": "network",
+    "--net": "network",
+    "-m": "memory",
+    "--memory": "memory",
+    "--cpus": "cpus",
+    "--pids-limit": "pids_limit",
+    "--ulimit": "ulimit",
+    "--name": "name",
+    "--platform": "platform",
+    "--pull": "pull",
 }
 _RUN_LISTS = {"env", "env_file", "volume", "tmpfs", "ulimit"}
 _RUN_CHOICES = {"network": ("host", "none"), "pull": ("missing", "always", "never")}
@@ -616,8 +707,19 @@ def _quick_run_args(argv: Sequence[str]):
 
     values: dict = {name: [] for name in _RUN_LISTS}
     values.update(dict.fromkeys(_RUN_FLAGS.values(), False))
-    values.update(workdir=None, user=None, entrypoint=None, hostname=None, network="host", memory=None,
-                  cpus=None, pids_limit=None, name=None, platform=None, pull="missing")
+    values.update(
+        workdir=None,
+        user=None,
+        entrypoint=None,
+        hostname=None,
+        network="host",
+        memory=None,
+        cpus=None,
+        pids_limit=None,
+        name=None,
+        platform=None,
+        pull="missing",
+    )
     i = 0
     while i < len(argv):
         arg = argv[i]
@@ -684,6 +786,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception as exc:  # a bug of ours: still one line, unless asked for the traceback
         if os.environ.get("OCIBOX_DEBUG"):
             raise
-        sys.stderr.write(f"ocibox: internal error: {type(exc).__name__}: {exc} "
-                         "(OCIBOX_DEBUG=1 shows the traceback; please report it)\n")
+        sys.stderr.write(
+            f"ocibox: internal error: {type(exc).__name__}: {exc} "
+            "(OCIBOX_DEBUG=1 shows the traceback; please report it)\n"
+        )
         return 125

@@ -99,8 +99,12 @@ def runtime_config(image_config: dict, opts: CompileOptions, name: str, etc: dic
             (Path(tmp) / path).write_bytes(data)
         entrypoint = None if opts.entrypoint is None else parse_words(opts.entrypoint, "--entrypoint")
         cmd = None if opts.cmd is None else parse_words(opts.cmd, "--cmd")
-        run = spec.RunOptions(args=cmd, entrypoint=entrypoint, env=list(opts.env),
-                              volumes=[parse_volume(v) for v in opts.volumes])
+        run = spec.RunOptions(
+            args=cmd,
+            entrypoint=entrypoint,
+            env=list(opts.env),
+            volumes=[parse_volume(v) for v in opts.volumes],
+        )
         config = spec.runtime_config(image_config, run, rootfs=Path(tmp))
     process = config["process"]
     process.pop("rlimits", None)  # the caller's limits, as for a native program
@@ -111,12 +115,14 @@ def runtime_config(image_config: dict, opts: CompileOptions, name: str, etc: dic
     image_cfg = image_config.get("config") or {}
     final_entry = entrypoint if entrypoint is not None else list(image_cfg.get("Entrypoint") or [])
     n = len(final_entry)
-    config.setdefault("annotations", {}).update({
-        "org.ocibox.image": name,
-        "org.ocibox.entrypoint": json.dumps(process["args"][:n]),
-        "org.ocibox.cmd": json.dumps(process["args"][n:]),
-        "org.ocibox.bind-cwd": "true" if opts.bind_cwd else "false",
-    })
+    config.setdefault("annotations", {}).update(
+        {
+            "org.ocibox.image": name,
+            "org.ocibox.entrypoint": json.dumps(process["args"][:n]),
+            "org.ocibox.cmd": json.dumps(process["args"][n:]),
+            "org.ocibox.bind-cwd": "true" if opts.bind_cwd else "false",
+        }
+    )
     return config
 
 
@@ -171,8 +177,10 @@ def compile_image(opts: CompileOptions, runtime: str | None = None) -> CompileRe
     if elf[:4] != b"\x7fELF":
         raise OciboxError(f"{runtime}: not an ELF executable")
     out_path = _output_path(opts.output)
-    layers = [(store.blob_path(d.digest), diff_id)
-              for d, diff_id in zip(image.manifest.layers, image.config.diff_ids, strict=False)]
+    layers = [
+        (store.blob_path(d.digest), diff_id)
+        for d, diff_id in zip(image.manifest.layers, image.config.diff_ids, strict=False)
+    ]
     try:
         fd, tmp = tempfile.mkstemp(prefix=f".{out_path.name}.", dir=out_path.parent)
     except OSError as exc:
@@ -182,8 +190,9 @@ def compile_image(opts: CompileOptions, runtime: str | None = None) -> CompileRe
             out.write(elf)
             payload_off = out.tell()
             # the image's creation time as the image's own: the same image gives the same payload
-            with SquashfsWriter(out, compression="zstd", level=opts.level, block_size=opts.block_size,
-                                mtime=_created(image)) as writer:
+            with SquashfsWriter(
+                out, compression="zstd", level=opts.level, block_size=opts.block_size, mtime=_created(image)
+            ) as writer:
                 etc: dict[str, bytes] = {}
                 root = flatten(writer, layers, capture=CAPTURED, captured=etc)
                 payload_size = writer.finish(root)
@@ -194,8 +203,18 @@ def compile_image(opts: CompileOptions, runtime: str | None = None) -> CompileRe
             config_off = payload_off + payload_size
             out.seek(config_off)
             out.write(text)
-            out.write(FOOTER.pack(MAGIC, FORMAT_VERSION, FOOTER.size, payload_off, payload_size,
-                                  config_off, len(text), digest))
+            out.write(
+                FOOTER.pack(
+                    MAGIC,
+                    FORMAT_VERSION,
+                    FOOTER.size,
+                    payload_off,
+                    payload_size,
+                    config_off,
+                    len(text),
+                    digest,
+                )
+            )
             size = out.tell()
             out.flush()
             os.fsync(out.fileno())

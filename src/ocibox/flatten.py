@@ -70,7 +70,10 @@ class _State:
 
 
 def flatten(
-    writer: SquashfsWriter, layers: Iterable[tuple[Path, str | None]], *, capture: tuple[str, ...] = (),
+    writer: SquashfsWriter,
+    layers: Iterable[tuple[Path, str | None]],
+    *,
+    capture: tuple[str, ...] = (),
     captured: dict[str, bytes] | None = None,
 ) -> Dir:
     """The merged tree of `layers` (lowest first; each a layer blob and its DiffID or None).
@@ -117,8 +120,11 @@ def _resolve_dir(root: Dir, path: str, depth: int) -> Dir | None:
         if child is None:
             child = node.entries[comp] = Dir(mode=0o755)
         if isinstance(child, Symlink):
-            target = child.target if isinstance(child.target, str) else child.target.decode(
-                "utf-8", "surrogateescape")
+            target = (
+                child.target
+                if isinstance(child.target, str)
+                else child.target.decode("utf-8", "surrogateescape")
+            )
             base = "" if target.startswith("/") else "/".join(walked)
             resolved = _resolve_dir(root, f"{base}/{target}", depth + 1)
             if resolved is None:
@@ -147,8 +153,14 @@ def _merge(upper: Dir, lower: Dir) -> None:
 def _finalise(root: Dir) -> Dir:
     """Implicit folders become plain folders (the writer wants only its own node types)."""
     if isinstance(root, _Implicit):
-        root = Dir(mode=root.mode, uid=root.uid, gid=root.gid, mtime=root.mtime, xattrs=root.xattrs,
-                   entries=root.entries)
+        root = Dir(
+            mode=root.mode,
+            uid=root.uid,
+            gid=root.gid,
+            mtime=root.mtime,
+            xattrs=root.xattrs,
+            entries=root.entries,
+        )
     for name, node in list(root.entries.items()):
         if isinstance(node, Dir):
             root.entries[name] = _finalise(node)
@@ -224,7 +236,7 @@ def _entry(
         if base == OPAQUE:
             cut.add(dir_key)
             return
-        victim = base[len(WHITEOUT_PREFIX):]
+        victim = base[len(WHITEOUT_PREFIX) :]
         if victim in ("", ".", "..") or victim.startswith(WHITEOUT_PREFIX + ".wh."):
             raise LayerError(f"entry {m.name!r}: invalid whiteout")
         target = f"{dir_key}/{victim}" if dir_key else victim
@@ -287,8 +299,14 @@ def _entry(
     if isinstance(node, Dir) and isinstance(old, Dir):
         _set_attrs(old, m)  # a folder over a folder: contents merge, the later attributes win
         if isinstance(old, _Implicit):
-            old = Dir(mode=old.mode, uid=old.uid, gid=old.gid, mtime=old.mtime, xattrs=old.xattrs,
-                      entries=old.entries)
+            old = Dir(
+                mode=old.mode,
+                uid=old.uid,
+                gid=old.gid,
+                mtime=old.mtime,
+                xattrs=old.xattrs,
+                entries=old.entries,
+            )
             parent.entries[base] = old
         seen[key] = old
         return

@@ -358,9 +358,17 @@ _STR_LIST = "list of strings"
 _STR_MAP = "object of strings"
 _OBJECT = "object"
 _STRING = "string"
-_CONFIG_FIELDS = {"Env": _STR_LIST, "Entrypoint": _STR_LIST, "Cmd": _STR_LIST, "User": _STRING,
-                  "WorkingDir": _STRING, "StopSignal": _STRING, "Labels": _STR_MAP,
-                  "Volumes": _OBJECT, "ExposedPorts": _OBJECT}
+_CONFIG_FIELDS = {
+    "Env": _STR_LIST,
+    "Entrypoint": _STR_LIST,
+    "Cmd": _STR_LIST,
+    "User": _STRING,
+    "WorkingDir": _STRING,
+    "StopSignal": _STRING,
+    "Labels": _STR_MAP,
+    "Volumes": _OBJECT,
+    "ExposedPorts": _OBJECT,
+}
 _TOP_FIELDS = {"os": _STRING, "architecture": _STRING, "variant": _STRING, "created": _STRING}
 
 

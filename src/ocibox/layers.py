@@ -109,8 +109,11 @@ class _Openat2:
         try:
             for _ in range(16):
                 fd = self.syscall(
-                    ctypes.c_long(_SYS_OPENAT2), ctypes.c_int(dirfd), ctypes.c_char_p(encoded),
-                    ctypes.byref(how), ctypes.c_size_t(ctypes.sizeof(how)),
+                    ctypes.c_long(_SYS_OPENAT2),
+                    ctypes.c_int(dirfd),
+                    ctypes.c_char_p(encoded),
+                    ctypes.byref(how),
+                    ctypes.c_size_t(ctypes.sizeof(how)),
                 )
                 if fd >= 0:
                     return fd
@@ -340,8 +343,13 @@ class LayerStream(io.RawIOBase):
         self.compression = "gzip"
         fd = self.raw.fileno()
         start = os.lseek(fd, 0, os.SEEK_CUR)
-        proc = subprocess.Popen([_igzip_path() or "igzip", "-dcq"], stdin=fd, stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE, bufsize=0)
+        proc = subprocess.Popen(
+            [_igzip_path() or "igzip", "-dcq"],
+            stdin=fd,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            bufsize=0,
+        )
         crc = 0
         try:
             assert proc.stdout is not None and proc.stderr is not None
@@ -369,8 +377,11 @@ class LayerStream(io.RawIOBase):
                     f.close()
         end = os.fstat(fd).st_size
         tail = os.pread(fd, 8, end - 8) if end - start >= 26 else b""
-        whole = len(tail) == 8 and self.size > 0 and tail == (
-            crc.to_bytes(4, "little") + (self.size & 0xFFFFFFFF).to_bytes(4, "little"))
+        whole = (
+            len(tail) == 8
+            and self.size > 0
+            and tail == (crc.to_bytes(4, "little") + (self.size & 0xFFFFFFFF).to_bytes(4, "little"))
+        )
         if not whole:
             _check_gzip(fd, start)
 
@@ -526,9 +537,9 @@ def tar_xattrs(m: tarfile.TarInfo) -> list[tuple[str, bytes]]:
     out = []
     for key, value in (m.pax_headers or {}).items():
         if key.startswith("SCHILY.xattr."):
-            out.append((key[len("SCHILY.xattr."):], value.encode("utf-8", "surrogateescape")))
+            out.append((key[len("SCHILY.xattr.") :], value.encode("utf-8", "surrogateescape")))
         elif key.startswith("LIBARCHIVE.xattr."):
-            out.append((key[len("LIBARCHIVE.xattr."):], base64.b64decode(value + "==")))
+            out.append((key[len("LIBARCHIVE.xattr.") :], base64.b64decode(value + "==")))
     return out
 
 
@@ -593,9 +604,15 @@ def read_meta(path: Path) -> dict[str, dict]:
 # --- applying entries ---------------------------------------------------------------------------
 
 _TYPES = {
-    tarfile.REGTYPE: "file", tarfile.AREGTYPE: "file", tarfile.CONTTYPE: "file",
-    tarfile.GNUTYPE_SPARSE: "file", tarfile.DIRTYPE: "dir", tarfile.SYMTYPE: "symlink",
-    tarfile.LNKTYPE: "hardlink", tarfile.CHRTYPE: "char", tarfile.BLKTYPE: "block",
+    tarfile.REGTYPE: "file",
+    tarfile.AREGTYPE: "file",
+    tarfile.CONTTYPE: "file",
+    tarfile.GNUTYPE_SPARSE: "file",
+    tarfile.DIRTYPE: "dir",
+    tarfile.SYMTYPE: "symlink",
+    tarfile.LNKTYPE: "hardlink",
+    tarfile.CHRTYPE: "char",
+    tarfile.BLKTYPE: "block",
     tarfile.FIFOTYPE: "fifo",
 }
 
@@ -822,8 +839,11 @@ class Applier:
                 finally:
                     os.close(fd)
             else:
-                rfd = os.open(dir_parts[-1], os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC,
-                              dir_fd=parent_fd)
+                rfd = os.open(
+                    dir_parts[-1],
+                    os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC,
+                    dir_fd=parent_fd,
+                )
         except OSError:
             return
         try:
@@ -881,8 +901,14 @@ class Applier:
             self._create(lambda: os.mkfifo(base, 0o600, dir_fd=pfd), pfd, base, path)
             self._finish_special(m, pfd, base, path, kind)
         else:  # char, block
-            rec = {"path": "/" + path, "type": kind, "uid": m.uid, "gid": m.gid,
-                   "mode": stat.S_IMODE(m.mode), "rdev": [m.devmajor, m.devminor]}
+            rec = {
+                "path": "/" + path,
+                "type": kind,
+                "uid": m.uid,
+                "gid": m.gid,
+                "mode": stat.S_IMODE(m.mode),
+                "rdev": [m.devmajor, m.devminor],
+            }
             if self.rootless:
                 self._skip_device(pfd, base, path, rec)
                 return
@@ -900,8 +926,9 @@ class Applier:
         self._remove(pfd, base)
         self._records[path] = rec
 
-    def _chown(self, m: tarfile.TarInfo, path: str, kind: str, pfd: int = -1, base: str = "",
-               fd: int = -1) -> None:
+    def _chown(
+        self, m: tarfile.TarInfo, path: str, kind: str, pfd: int = -1, base: str = "", fd: int = -1
+    ) -> None:
         """Real ownership (of fd, or of base in folder pfd, never following a symlink); as root of
         a user namespace an owner outside its ranges can't be set (EINVAL): the file stays root's
         and the image's owner goes to the .meta records."""
@@ -913,10 +940,18 @@ class Applier:
         except OSError as e:
             if e.errno not in (errno.EINVAL, errno.EPERM):
                 raise
-            self._warn_once("chown", f"owner {m.uid}:{m.gid} of {m.name!r} is outside this user's id "
-                            "ranges: kept as root's (recorded in .meta)")
-            self._records[path] = {"path": "/" + path, "type": kind, "uid": m.uid, "gid": m.gid,
-                                   "mode": stat.S_IMODE(m.mode)}
+            self._warn_once(
+                "chown",
+                f"owner {m.uid}:{m.gid} of {m.name!r} is outside this user's id "
+                "ranges: kept as root's (recorded in .meta)",
+            )
+            self._records[path] = {
+                "path": "/" + path,
+                "type": kind,
+                "uid": m.uid,
+                "gid": m.gid,
+                "mode": stat.S_IMODE(m.mode),
+            }
 
     def _create(self, make, pfd: int, base: str, path: str) -> None:
         try:
@@ -964,7 +999,7 @@ class Applier:
                 raise EOFError("unexpected end of data")
             view = memoryview(data)
             while view:
-                view = view[os.write(fd, view):]
+                view = view[os.write(fd, view) :]
             done += len(data)
 
     def _copy_sparse(self, src, fd: int, m: tarfile.TarInfo) -> None:
@@ -1035,7 +1070,7 @@ class Applier:
         if base == OPAQUE:
             self._hide_lower(dir_parts)
             return
-        name = base[len(WHITEOUT_PREFIX):]
+        name = base[len(WHITEOUT_PREFIX) :]
         if name in ("", ".", "..") or name.startswith(WHITEOUT_PREFIX + ".wh."):
             raise LayerError(f"entry {m.name!r}: invalid whiteout")
         victim = [*dir_parts, name]
@@ -1079,8 +1114,10 @@ class Applier:
             except OSError as e:
                 if e.errno in (errno.ENOTSUP, errno.EOPNOTSUPP, errno.EPERM, errno.EACCES):
                     self._xattr_ok = False
-                    self._warn_once("rootless-xattr", f"user xattrs unsupported here ({e.strerror}): "
-                                    "ownership kept in the .meta file only")
+                    self._warn_once(
+                        "rootless-xattr",
+                        f"user xattrs unsupported here ({e.strerror}): ownership kept in the .meta file only",
+                    )
                 else:
                     raise
 
@@ -1112,8 +1149,13 @@ def _ns(m: tarfile.TarInfo) -> int:
 
 
 def apply_layer(
-    root: Path, stream: BinaryIO, *, rootless: bool | None = None, diff_id: str | None = None,
-    name: str = "layer", applier: Applier | None = None,
+    root: Path,
+    stream: BinaryIO,
+    *,
+    rootless: bool | None = None,
+    diff_id: str | None = None,
+    name: str = "layer",
+    applier: Applier | None = None,
 ) -> str:
     """Apply one layer (compressed or not) to `root`; returns its DiffID. With `applier`, the
     caller owns it (and calls finish); otherwise folder modes and records are finalised here."""

@@ -25,8 +25,22 @@ from ocibox.locations import default_root
 FORWARDED = (signal.SIGTERM, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2, signal.SIGWINCH)
 _SIZE = r"(?i)^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)i?b?\s*$"
 _ULIMITS = {
-    "core", "cpu", "data", "fsize", "locks", "memlock", "msgqueue", "nice", "nofile", "nproc",
-    "rss", "rtprio", "rttime", "sigpending", "stack", "as",
+    "core",
+    "cpu",
+    "data",
+    "fsize",
+    "locks",
+    "memlock",
+    "msgqueue",
+    "nice",
+    "nofile",
+    "nproc",
+    "rss",
+    "rtprio",
+    "rttime",
+    "sigpending",
+    "stack",
+    "as",
 }
 
 
@@ -112,9 +126,15 @@ def parse_volume(text: str, cwd: str, anonymous_dir: Callable[[], str]) -> Volum
     missing, as docker creates bind sources), or `CTR` alone for an anonymous volume."""
     parts = text.split(":")
     options: list[str] = []
-    if len(parts) >= 2 and parts[-1] and all(o in ("ro", "rw", "z", "Z", "rprivate", "private", "rslave",
-                                                  "slave", "rshared", "shared", "nocopy")
-                                             for o in parts[-1].split(",")):
+    if (
+        len(parts) >= 2
+        and parts[-1]
+        and all(
+            o
+            in ("ro", "rw", "z", "Z", "rprivate", "private", "rslave", "slave", "rshared", "shared", "nocopy")
+            for o in parts[-1].split(",")
+        )
+    ):
         options = parts[-1].split(",")
         parts = parts[:-1]
     if len(parts) == 1:
@@ -181,8 +201,10 @@ def parse_ulimit(text: str) -> tuple[str, int, int]:
     """`nofile=1024[:2048]`, as docker takes it; -1 is unlimited."""
     name, eq, values = text.partition("=")
     if not eq or name not in _ULIMITS:
-        raise OciboxError(f"invalid --ulimit {text!r}: expected NAME=SOFT[:HARD] with NAME one of "
-                          + ", ".join(sorted(_ULIMITS)))
+        raise OciboxError(
+            f"invalid --ulimit {text!r}: expected NAME=SOFT[:HARD] with NAME one of "
+            + ", ".join(sorted(_ULIMITS))
+        )
     soft_text, _, hard_text = values.partition(":")
     try:
         soft = int(soft_text)
@@ -246,7 +268,8 @@ def ready_image(root: str, text: str) -> ReadyImage | None:
         with open(os.path.join(root, "index.json"), "rb") as f:
             entries = json.load(f)["manifests"]
         digest = next(
-            e["digest"] for e in entries
+            e["digest"]
+            for e in entries
             if (e.get("annotations") or {}).get("org.opencontainers.image.ref.name") == name
         )
         with open(os.path.join(blobs, digest.partition(":")[2]), "rb") as f:
@@ -489,9 +512,15 @@ def run(req: RunRequest) -> int:
         config = spec.runtime_config(image.config, opts, rootfs=image.rootfs)
         config["root"] = {"path": image.rootfs, "readonly": req.read_only}
         _write_json(os.path.join(folder, "config.json"), config)
-        state = {"Id": cid, "Name": req.name or "", "Image": image.name,
-                 "ImageId": image.manifest_digest, "Created": time.time(), "Status": "running",
-                 "Command": config["process"]["args"]}
+        state = {
+            "Id": cid,
+            "Name": req.name or "",
+            "Image": image.name,
+            "ImageId": image.manifest_digest,
+            "Created": time.time(),
+            "Status": "running",
+            "Command": config["process"]["args"],
+        }
         _write_json(os.path.join(folder, "state.json"), state)
         status = _start(folder, cid, upper=os.path.join(folder, "layer"))
         started = True
@@ -513,8 +542,10 @@ def _run_bundle(root: str, bundle: str, req: RunRequest) -> int:
         raise OciboxError(f"cannot read {os.path.join(bundle, 'config.json')}: {exc}") from None
     parts = [config.get(k, {}) for k in ("root", "process")] if isinstance(config, dict) else [None]
     if not all(isinstance(part, dict) for part in parts) or not isinstance(parts[0].get("path", ""), str):
-        raise OciboxError(f"{os.path.join(bundle, 'config.json')} is not an OCI runtime config "
-                          "(an object whose root and process are objects)")
+        raise OciboxError(
+            f"{os.path.join(bundle, 'config.json')} is not an OCI runtime config "
+            "(an object whose root and process are objects)"
+        )
     cid, folder = _new_container(root)
     try:
         rootfs = config.get("root", {}).get("path", "rootfs")

@@ -37,15 +37,35 @@ DEFAULT_PATH = "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bi
 
 # moby's oci/caps/defaults.go DefaultCapabilities
 DEFAULT_CAPS = [
-    "CAP_CHOWN", "CAP_DAC_OVERRIDE", "CAP_FSETID", "CAP_FOWNER", "CAP_MKNOD", "CAP_NET_RAW",
-    "CAP_SETGID", "CAP_SETUID", "CAP_SETFCAP", "CAP_SETPCAP", "CAP_NET_BIND_SERVICE", "CAP_SYS_CHROOT",
-    "CAP_KILL", "CAP_AUDIT_WRITE",
+    "CAP_CHOWN",
+    "CAP_DAC_OVERRIDE",
+    "CAP_FSETID",
+    "CAP_FOWNER",
+    "CAP_MKNOD",
+    "CAP_NET_RAW",
+    "CAP_SETGID",
+    "CAP_SETUID",
+    "CAP_SETFCAP",
+    "CAP_SETPCAP",
+    "CAP_NET_BIND_SERVICE",
+    "CAP_SYS_CHROOT",
+    "CAP_KILL",
+    "CAP_AUDIT_WRITE",
 ]
 
 # moby's oci/defaults.go
 MASKED_PATHS = [
-    "/proc/asound", "/proc/acpi", "/proc/kcore", "/proc/keys", "/proc/latency_stats", "/proc/timer_list",
-    "/proc/timer_stats", "/proc/sched_debug", "/proc/scsi", "/sys/firmware", "/sys/devices/virtual/powercap",
+    "/proc/asound",
+    "/proc/acpi",
+    "/proc/kcore",
+    "/proc/keys",
+    "/proc/latency_stats",
+    "/proc/timer_list",
+    "/proc/timer_stats",
+    "/proc/sched_debug",
+    "/proc/scsi",
+    "/sys/firmware",
+    "/sys/devices/virtual/powercap",
 ]
 READONLY_PATHS = ["/proc/bus", "/proc/fs", "/proc/irq", "/proc/sys", "/proc/sysrq-trigger"]
 
@@ -234,30 +254,65 @@ def _env(image_env: list[str], user_env: list[str], extra: dict[str, str]) -> li
 def _mounts(opts: RunOptions) -> list[dict[str, Any]]:
     mounts: list[dict[str, Any]] = [
         {"destination": "/proc", "type": "proc", "source": "proc", "options": ["nosuid", "noexec", "nodev"]},
-        {"destination": "/dev", "type": "tmpfs", "source": "tmpfs",
-         "options": ["nosuid", "strictatime", "mode=755", "size=65536k"]},
-        {"destination": "/dev/pts", "type": "devpts", "source": "devpts",
-         "options": ["nosuid", "noexec", "newinstance", "ptmxmode=0666", "mode=0620"]
-         + ([] if opts.rootless else ["gid=5"])},
-        {"destination": "/dev/shm", "type": "tmpfs", "source": "shm",
-         "options": ["nosuid", "noexec", "nodev", "mode=1777", "size=65536k"]},
-        {"destination": "/dev/mqueue", "type": "mqueue", "source": "mqueue",
-         "options": ["nosuid", "noexec", "nodev"]},
+        {
+            "destination": "/dev",
+            "type": "tmpfs",
+            "source": "tmpfs",
+            "options": ["nosuid", "strictatime", "mode=755", "size=65536k"],
+        },
+        {
+            "destination": "/dev/pts",
+            "type": "devpts",
+            "source": "devpts",
+            "options": ["nosuid", "noexec", "newinstance", "ptmxmode=0666", "mode=0620"]
+            + ([] if opts.rootless else ["gid=5"]),
+        },
+        {
+            "destination": "/dev/shm",
+            "type": "tmpfs",
+            "source": "shm",
+            "options": ["nosuid", "noexec", "nodev", "mode=1777", "size=65536k"],
+        },
+        {
+            "destination": "/dev/mqueue",
+            "type": "mqueue",
+            "source": "mqueue",
+            "options": ["nosuid", "noexec", "nodev"],
+        },
     ]
     if opts.rootless and opts.network != "none":
-        mounts.append({"destination": "/sys", "type": "none", "source": "/sys",
-                       "options": ["rbind", "nosuid", "noexec", "nodev", "ro"]})
+        mounts.append(
+            {
+                "destination": "/sys",
+                "type": "none",
+                "source": "/sys",
+                "options": ["rbind", "nosuid", "noexec", "nodev", "ro"],
+            }
+        )
     else:
-        mounts.append({"destination": "/sys", "type": "sysfs", "source": "sysfs",
-                       "options": ["nosuid", "noexec", "nodev", "ro"]})
+        mounts.append(
+            {
+                "destination": "/sys",
+                "type": "sysfs",
+                "source": "sysfs",
+                "options": ["nosuid", "noexec", "nodev", "ro"],
+            }
+        )
     # No /sys/fs/cgroup mount: without a cgroup namespace a fresh cgroup mount is refused on
     # cgroup v1/hybrid hosts ("busy"), and runtimes that offer it emulate it with binds.
     for dest, source in opts.files.items():
-        mounts.append({"destination": dest, "type": "bind", "source": source,
-                       "options": ["rbind", "rprivate"]})
+        mounts.append(
+            {"destination": dest, "type": "bind", "source": source, "options": ["rbind", "rprivate"]}
+        )
     for host, dest, read_only in opts.volumes:
-        mounts.append({"destination": dest, "type": "bind", "source": host,
-                       "options": ["rbind", "rprivate", "ro" if read_only else "rw"]})
+        mounts.append(
+            {
+                "destination": dest,
+                "type": "bind",
+                "source": host,
+                "options": ["rbind", "rprivate", "ro" if read_only else "rw"],
+            }
+        )
     for item in opts.tmpfs:
         dest, _, extra = item.partition(":")
         if not dest.startswith("/"):
@@ -306,8 +361,12 @@ def _annotations(image_config: dict[str, Any], opts: RunOptions) -> dict[str, st
     out: dict[str, str] = {}
     for key, value in (cfg.get("Labels") or {}).items():
         out[key] = str(value)
-    for key, field_name in (("os", "os"), ("architecture", "architecture"), ("author", "author"),
-                            ("created", "created")):
+    for key, field_name in (
+        ("os", "os"),
+        ("architecture", "architecture"),
+        ("author", "author"),
+        ("created", "created"),
+    ):
         if image_config.get(field_name):
             out[f"org.opencontainers.image.{key}"] = str(image_config[field_name])
     if cfg.get("StopSignal"):
@@ -344,8 +403,11 @@ def runtime_config(
     caps = list(DEFAULT_CAPS)
     process: dict[str, Any] = {
         "terminal": opts.terminal,
-        "user": {"uid": user.uid, "gid": user.gid, **({"additionalGids": user.additional_gids}
-                                                        if user.additional_gids else {})},
+        "user": {
+            "uid": user.uid,
+            "gid": user.gid,
+            **({"additionalGids": user.additional_gids} if user.additional_gids else {}),
+        },
         "args": args,
         "env": _env(list(cfg.get("Env") or []), opts.env, extra_env),
         "cwd": opts.workdir or cfg.get("WorkingDir") or "/",
@@ -364,8 +426,11 @@ def runtime_config(
         namespaces.append({"type": "network"})
     elif opts.network != "host":
         raise OciboxError(f"unsupported --network {opts.network!r}: use host or none")
-    linux: dict[str, Any] = {"namespaces": namespaces, "maskedPaths": list(MASKED_PATHS),
-                             "readonlyPaths": list(READONLY_PATHS)}
+    linux: dict[str, Any] = {
+        "namespaces": namespaces,
+        "maskedPaths": list(MASKED_PATHS),
+        "readonlyPaths": list(READONLY_PATHS),
+    }
     if opts.rootless:
         namespaces.append({"type": "user"})
         if opts.uid_mappings is None or opts.gid_mappings is None:

@@ -267,8 +267,10 @@ class Store:
         with self.open_blob(digest) as f:
             data = f.read()
         if "sha256:" + hashlib.sha256(data).hexdigest() != digest:
-            raise IntegrityError(f"blob {digest} in the store is damaged (its content does not match "
-                                 "its digest): pull or load the image again")
+            raise IntegrityError(
+                f"blob {digest} in the store is damaged (its content does not match "
+                "its digest): pull or load the image again"
+            )
         return data
 
     def discard_if_damaged(self, digest: str) -> None:
@@ -333,8 +335,11 @@ class Store:
             raise StoreError(f"{self.root / 'index.json'} is damaged: {exc}") from None
 
     def _write_index(self, manifests: list[Descriptor]) -> None:
-        doc = {"schemaVersion": 2, "mediaType": "application/vnd.oci.image.index.v1+json",
-               "manifests": [d.to_json() for d in manifests]}
+        doc = {
+            "schemaVersion": 2,
+            "mediaType": "application/vnd.oci.image.index.v1+json",
+            "manifests": [d.to_json() for d in manifests],
+        }
         atomic_write(self.root / "index.json", json.dumps(doc, indent=2).encode())
 
     def tagged(self) -> list[Tagged]:
@@ -351,8 +356,9 @@ class Store:
             try:
                 reference.parse(t.name)
             except InvalidReference:
-                raise StoreError(f"{self.root / 'index.json'} is damaged: {t.name!r} is not an image "
-                                 "name") from None
+                raise StoreError(
+                    f"{self.root / 'index.json'} is damaged: {t.name!r} is not an image name"
+                ) from None
         return out
 
     def tag(self, name: str, descriptor: Descriptor) -> None:
@@ -392,8 +398,9 @@ class Store:
             manifest = self.manifest(manifest_digest)
             config = ImageConfig.parse(self.read_blob(manifest.config.digest))
         except NotFound:
-            raise StoreError(f"{name}: the store is missing its config {manifest.config.digest}: "
-                             "pull the image again") from None
+            raise StoreError(
+                f"{name}: the store is missing its config {manifest.config.digest}: pull the image again"
+            ) from None
         except (IntegrityError, StoreError) as exc:
             raise type(exc)(f"{name}: {exc}") from None
         return Image(name, manifest_digest, manifest, config)
@@ -484,8 +491,11 @@ class Store:
             except IntegrityError:
                 continue
             if isinstance(node, Index):
-                todo += [d.digest for d in node.manifests if d.media_type in MANIFEST_TYPES + INDEX_TYPES
-                         and self.has_blob(d.digest)]
+                todo += [
+                    d.digest
+                    for d in node.manifests
+                    if d.media_type in MANIFEST_TYPES + INDEX_TYPES and self.has_blob(d.digest)
+                ]
             else:
                 blobs.add(node.config.digest)
                 blobs.update(layer.digest for layer in node.layers)

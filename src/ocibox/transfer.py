@@ -445,8 +445,9 @@ def _push(
     progress.message(f"The push refers to repository [{target.name}]")
     sources = _mount_sources(store, target, {d.digest for d in plan.blobs})
     cancel = threading.Event()
-    tasks = {d.digest: progress.task(d.digest.partition(":")[2][:12], d.size, "Preparing")
-             for d in plan.blobs}
+    tasks = {
+        d.digest: progress.task(d.digest.partition(":")[2][:12], d.size, "Preparing") for d in plan.blobs
+    }
     outcomes: dict[str, str] = {}
 
     def send(desc: Descriptor) -> int | None:

@@ -32,8 +32,10 @@ def _layer_files(store: Store, image: Image) -> list[tuple[Path, str]]:
     diff_ids = image.config.diff_ids
     layers = image.manifest.layers
     if len(diff_ids) != len(layers):
-        raise IntegrityError(f"{image.name}: the manifest has {len(layers)} layers but the config lists "
-                             f"{len(diff_ids)} diff_ids")
+        raise IntegrityError(
+            f"{image.name}: the manifest has {len(layers)} layers but the config lists "
+            f"{len(diff_ids)} diff_ids"
+        )
     out = []
     for desc, diff_id in zip(layers, diff_ids, strict=True):
         path = store.blob_path(desc.digest)
@@ -92,8 +94,11 @@ def make_bundle(store: Store, image: Image, dest: Path, opts: RunOptions | None 
         rootless = os.geteuid() != 0
         single = [{"containerID": 0, "hostID": os.geteuid(), "size": 1}]
         single_gid = [{"containerID": 0, "hostID": os.getegid(), "size": 1}]
-        opts = RunOptions(rootless=rootless, uid_mappings=single if rootless else None,
-                          gid_mappings=single_gid if rootless else None)
+        opts = RunOptions(
+            rootless=rootless,
+            uid_mappings=single if rootless else None,
+            gid_mappings=single_gid if rootless else None,
+        )
     if dest.exists() and (not dest.is_dir() or any(dest.iterdir())):
         raise OciboxError(f"{dest} already exists and is not an empty folder")
     layers = _layer_files(store, image)
@@ -117,7 +122,10 @@ def make_bundle(store: Store, image: Image, dest: Path, opts: RunOptions | None 
             remove_tree(dest)
         raise
     config = runtime_config(image.config.raw, opts, rootfs=dest / "rootfs")
-    config["annotations"] = {**config.get("annotations", {}), "org.opencontainers.image.ref.name": image.name,
-                             "ocibox.image.manifest": image.manifest_digest}
+    config["annotations"] = {
+        **config.get("annotations", {}),
+        "org.opencontainers.image.ref.name": image.name,
+        "ocibox.image.manifest": image.manifest_digest,
+    }
     atomic_write(dest / "config.json", (json.dumps(config, indent=2) + "\n").encode())
     return dest

@@ -139,8 +139,10 @@ def run_as_root(fn: Callable[..., object], *args: object) -> object:
             libc = ctypes.CDLL(None, use_errno=True)
             if libc.unshare(CLONE_NEWUSER) != 0:
                 err = ctypes.get_errno()
-                raise OciboxError(f"cannot create a user namespace: {os.strerror(err)} "
-                                  "(is kernel.unprivileged_userns_clone or a security policy blocking it?)")
+                raise OciboxError(
+                    f"cannot create a user namespace: {os.strerror(err)} "
+                    "(is kernel.unprivileged_userns_clone or a security policy blocking it?)"
+                )
             os.write(ready_w, b"1")
             if os.read(go_r, 1) != b"1":
                 raise OciboxError("cannot map ids into the user namespace")

@@ -531,8 +531,9 @@ class RegistryClient:
                     self._check_length(digest, size, len(data))
                     self._close_upload(repository, location, digest, data, what)
                 else:
-                    self._upload_chunks(repository, location, digest, size, open_blob, chunk_size, what,
-                                        on_progress, cancel)
+                    self._upload_chunks(
+                        repository, location, digest, size, open_blob, chunk_size, what, on_progress, cancel
+                    )
                 if on_progress is not None:
                     on_progress(size)
                 return
@@ -551,8 +552,14 @@ class RegistryClient:
             raise IntegrityError(f"blob {digest}: the store holds {got} bytes, the manifest says {size}")
 
     def _upload_step(
-        self, method: str, url: str, repository: str, what: str, expect: int,
-        headers: dict[str, str] | None = None, body: bytes | None = None,
+        self,
+        method: str,
+        url: str,
+        repository: str,
+        what: str,
+        expect: int,
+        headers: dict[str, str] | None = None,
+        body: bytes | None = None,
     ) -> Response:
         """One request of an upload; transient failures raise _Retry, refusals their error."""
         scope = scope_for(repository, "pull,push")

@@ -173,8 +173,10 @@ def _read(path: Path) -> dict:
         raise AuthError(f"malformed credentials file {path}: 'auths' must be an object")
     names = [*(helpers.values() if isinstance(helpers, dict) else [helpers]), store]
     if not all(name is None or (isinstance(name, str) and "/" not in name) for name in names):
-        raise AuthError(f"malformed credentials file {path}: 'credHelpers' and 'credsStore' must name "
-                        "helpers (docker-credential-NAME)")
+        raise AuthError(
+            f"malformed credentials file {path}: 'credHelpers' and 'credsStore' must name "
+            "helpers (docker-credential-NAME)"
+        )
     return doc
 
 
